@@ -1,0 +1,33 @@
+"""lance-cookbook: train PyTorch image models from Lance datasets.
+
+The map-style recipe: ``SafeLanceDataset`` (batched ``take`` of raw image bytes) + ``DistributedSampler``
++ ``DataLoader`` (spawn workers, ``pin_memory``) + ``sampler.set_epoch`` + a collate that decodes the bytes.
+"""
+
+from .collate import Batch, DecodeError, ImageCollate
+from .dataset import DatasetNotFound, dataset_options, label_names, open_dataset
+from .device import IMAGENET_MEAN, IMAGENET_STD, to_device
+from .loader import check_start_method, default_workers, make_loader
+from .models import SmallCNN, build_model
+from .sampler import ShardSampler
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Batch",
+    "DecodeError",
+    "DatasetNotFound",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "ImageCollate",
+    "ShardSampler",
+    "SmallCNN",
+    "build_model",
+    "check_start_method",
+    "dataset_options",
+    "default_workers",
+    "label_names",
+    "make_loader",
+    "open_dataset",
+    "to_device",
+]
