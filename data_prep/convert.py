@@ -219,7 +219,8 @@ def imagefolder_source(root: str | os.PathLike) -> Source:
             rel = path.relative_to(root).as_posix()
             problem = None
             if path.suffix.lower() not in IMAGE_EXTENSIONS:
-                problem = f"unsupported extension {path.suffix or '(none)'!r} (expected one of {', '.join(IMAGE_EXTENSIONS)})"
+                expected = ", ".join(IMAGE_EXTENSIONS)
+                problem = f"unsupported extension {path.suffix or '(none)'!r} (expected one of {expected})"
             yield Record(source=rel, label=label, path=str(path), problem=problem)
 
     return Source(records(), classes, f"image folder {root}", total=len(files))
@@ -228,8 +229,9 @@ def imagefolder_source(root: str | os.PathLike) -> Source:
 SPLIT_ALIASES = {"val": "validation", "valid": "validation", "dev": "validation", "validation": "val"}
 
 
-def hf_source(name: str, split: str | None = None, image_column: str | None = None,
-              label_column: str | None = None) -> Source:
+def hf_source(
+    name: str, split: str | None = None, image_column: str | None = None, label_column: str | None = None
+) -> Source:
     """A Hugging Face dataset through ``datasets.load_dataset``: a hub name or a local folder.
 
     The image column is cast to ``Image(decode=False)`` so the original encoded bytes are kept (for local
@@ -258,7 +260,9 @@ def hf_source(name: str, split: str | None = None, image_column: str | None = No
         raise ConversionError(f"hf:{name}: {e}") from None
 
     features = ds.features
-    image_column = image_column or next((k for k, f in features.items() if isinstance(f, datasets.Image)), None)
+    image_column = image_column or next(
+        (k for k, f in features.items() if isinstance(f, datasets.Image)), None
+    )
     label_column = label_column or next(
         (k for k, f in features.items() if isinstance(f, datasets.ClassLabel)), None
     )
@@ -290,8 +294,9 @@ def hf_source(name: str, split: str | None = None, image_column: str | None = No
     return Source(records(), names, f"hf:{name} ({split})", total=len(ds))
 
 
-def open_source(spec: str, split: str | None = None, image_column: str | None = None,
-                label_column: str | None = None) -> Source:
+def open_source(
+    spec: str, split: str | None = None, image_column: str | None = None, label_column: str | None = None
+) -> Source:
     """Parse ``digits``, ``imagefolder:DIR`` or ``hf:NAME`` into a :class:`Source`."""
     kind, _, arg = spec.partition(":")
     if kind == "digits" and not arg:
@@ -317,9 +322,17 @@ def _checked(record: Record) -> tuple[Record, bytes | None, tuple[int, int] | In
         return record, None, e
 
 
-def _batches(records: Iterable[Record], batch_rows: int, max_rows: int | None, skip_invalid: bool,
-             skipped: list[str], stats: dict, progress: tqdm, workers: int,
-             description: str) -> Iterator[pa.RecordBatch]:
+def _batches(
+    records: Iterable[Record],
+    batch_rows: int,
+    max_rows: int | None,
+    skip_invalid: bool,
+    skipped: list[str],
+    stats: dict,
+    progress: tqdm,
+    workers: int,
+    description: str,
+) -> Iterator[pa.RecordBatch]:
     """Check records in parallel (PIL releases the GIL while decoding) and yield bounded record batches."""
     it = iter(records)
     rows = 0
@@ -409,7 +422,9 @@ def convert(
         if path.exists() and not path.is_dir():
             raise ConversionError(f"output {uri} exists and is a file, not a Lance dataset")
         if path.is_dir() and not exists and any(path.iterdir()):
-            raise ConversionError(f"output {uri} is a non-empty folder that is not a Lance dataset; refusing to write there")
+            raise ConversionError(
+                f"output {uri} is a non-empty folder that is not a Lance dataset; refusing to write there"
+            )
     if exists and not overwrite:
         raise ConversionError(f"output {uri} already holds a Lance dataset; pass --overwrite to replace it")
 
@@ -439,20 +454,39 @@ def convert(
     start = time.perf_counter()
     bar = tqdm(total=src.total, unit="img", desc=f"converting {src.description}", disable=not progress)
     try:
-        batches = _batches(src.records, batch_rows, max_rows, skip_invalid, skipped, stats, bar,
-                           workers or min(4, os.cpu_count() or 1), src.description)
+        batches = _batches(
+            src.records,
+            batch_rows,
+            max_rows,
+            skip_invalid,
+            skipped,
+            stats,
+            bar,
+            workers or min(4, os.cpu_count() or 1),
+            src.description,
+        )
         reader = pa.RecordBatchReader.from_batches(SCHEMA, guarded(batches))
         # Data files first, then one commit whose schema metadata already lists what was skipped: a failure
         # before the commit leaves the dataset (or its absence) exactly as it was.
-        fragments = write_fragments(reader, target, schema=SCHEMA, mode="overwrite" if exists else "create",
-                                    max_rows_per_file=rows_per_file, storage_options=storage_options)
+        fragments = write_fragments(
+            reader,
+            target,
+            schema=SCHEMA,
+            mode="overwrite" if exists else "create",
+            max_rows_per_file=rows_per_file,
+            storage_options=storage_options,
+        )
         info = {"source": src.description, "skipped": skipped}
         schema = SCHEMA.with_metadata(
             {LABEL_NAMES_KEY: json.dumps(src.label_names).encode(), METADATA_KEY: json.dumps(info).encode()}
         )
         read_version = lance.dataset(uri, storage_options=storage_options).version if exists else None
-        ds = lance.LanceDataset.commit(target, lance.LanceOperation.Overwrite(schema, fragments),
-                                       read_version=read_version, storage_options=storage_options)
+        ds = lance.LanceDataset.commit(
+            target,
+            lance.LanceOperation.Overwrite(schema, fragments),
+            read_version=read_version,
+            storage_options=storage_options,
+        )
         if staging is not None:
             os.replace(staging, uri)
             staging = None
@@ -490,7 +524,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m data_prep.convert",
         description="Convert an image dataset into Lance, keeping each image's original encoded bytes.",
     )
-    p.add_argument("--source", required=True, help="digits | imagefolder:DIR | hf:NAME (hub name or local folder)")
+    p.add_argument(
+        "--source", required=True, help="digits | imagefolder:DIR | hf:NAME (hub name or local folder)"
+    )
     p.add_argument("--output", required=True, help="destination Lance URI (local path or s3://...)")
     p.add_argument("--split", help="split to convert (hf: train/validation/test...; digits: train/test/all)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset (as a new version)")
@@ -498,10 +534,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows-per-file", type=int, default=1024 * 1024, help="max rows per Lance data file")
     p.add_argument("--image-column", help="hf: image column (default: the first Image feature)")
     p.add_argument("--label-column", help="hf: label column (default: the first ClassLabel feature)")
-    p.add_argument("--skip-invalid", action="store_true",
-                   help="skip images that fail their check, list them, and record them in the metadata")
-    p.add_argument("--storage-option", action="append", type=_storage_option, default=[], metavar="KEY=VALUE",
-                   help="object-store option passed to Lance (repeatable)")
+    p.add_argument(
+        "--skip-invalid",
+        action="store_true",
+        help="skip images that fail their check, list them, and record them in the metadata",
+    )
+    p.add_argument(
+        "--storage-option",
+        action="append",
+        type=_storage_option,
+        default=[],
+        metavar="KEY=VALUE",
+        help="object-store option passed to Lance (repeatable)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -513,10 +558,17 @@ def main(argv: list[str] | None = None) -> int:
             # check_image raises its own, clearer error for oversized images
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             summary = convert(
-                args.source, args.output, split=args.split, overwrite=args.overwrite, max_rows=args.max_rows,
-                rows_per_file=args.rows_per_file, skip_invalid=args.skip_invalid,
-                image_column=args.image_column, label_column=args.label_column,
-                storage_options=dict(args.storage_option) or None, progress=not args.no_progress,
+                args.source,
+                args.output,
+                split=args.split,
+                overwrite=args.overwrite,
+                max_rows=args.max_rows,
+                rows_per_file=args.rows_per_file,
+                skip_invalid=args.skip_invalid,
+                image_column=args.image_column,
+                label_column=args.label_column,
+                storage_options=dict(args.storage_option) or None,
+                progress=not args.no_progress,
             )
     except ConversionError as e:
         hint = " (pass --skip-invalid to skip such files)" if isinstance(e, InvalidImage) else ""

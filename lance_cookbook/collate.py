@@ -39,12 +39,8 @@ def _row_name(row: dict[str, Any], position: int) -> str:
 
 
 def _pil_to_rgb(data: bytes) -> Image.Image:
+    # alpha is dropped, not composited, exactly as torchvision's ImageReadMode.RGB does
     with Image.open(io.BytesIO(data)) as im:
-        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-            # composite transparent pixels on black, as torchvision's RGB mode does, for one answer per decoder
-            im = im.convert("RGBA")
-            background = Image.new("RGBA", im.size, (0, 0, 0, 255))
-            return Image.alpha_composite(background, im).convert("RGB")
         return im.convert("RGB")
 
 
@@ -99,7 +95,7 @@ class ImageCollate:
             geometry = [v2.RandomResizedCrop(self.size, antialias=True), v2.RandomHorizontalFlip()]
         else:
             geometry = [v2.Resize((self.size, self.size), antialias=True)]
-        # PIL path: geometry on the PIL image, then to uint8 tensor; torchvision path: geometry on uint8 tensors
+        # PIL path: geometry on the PIL image, then to tensor; torchvision path: geometry on uint8 tensors
         self._pil_transform = v2.Compose([*geometry, v2.PILToTensor()])
         self._tensor_transform = v2.Compose(geometry)
 
@@ -119,8 +115,9 @@ class ImageCollate:
         jpegs = [i for i, b in enumerate(blobs) if b and b.startswith(JPEG_MAGIC)]
         if jpegs:
             try:
-                for i, img in zip(jpegs, decode_jpeg([tensors[i] for i in jpegs], mode=ImageReadMode.RGB),
-                                  strict=True):
+                for i, img in zip(
+                    jpegs, decode_jpeg([tensors[i] for i in jpegs], mode=ImageReadMode.RGB), strict=True
+                ):
                     out[i] = img
             except RuntimeError:
                 pass  # one bad or unsupported JPEG fails the whole call: decode those one by one below

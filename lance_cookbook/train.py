@@ -109,30 +109,43 @@ def main(argv: list[str] | None = None) -> dict:
         train_ds = open_dataset(args.train)
         val_ds = open_dataset(args.val)
         names = label_names(args.train)
-        num_classes = len(names) or int(lance.dataset(args.train).to_table(columns=["label"])["label"]
-                                        .to_numpy().max()) + 1
+        num_classes = (
+            len(names)
+            or int(lance.dataset(args.train).to_table(columns=["label"])["label"].to_numpy().max()) + 1
+        )
         # Training: DistributedSampler pads so every rank gets the same number of samples and batches;
         # no rank waits on a gradient all-reduce that another never starts (drop_last is not needed).
         sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
         train_loader = make_loader(
-            train_ds, batch_size=args.batch_size, num_workers=args.workers, sampler=sampler,
-            collate_fn=ImageCollate(args.image_size, train=args.augment, decoder="torchvision", dtype=torch.uint8),
+            train_ds,
+            batch_size=args.batch_size,
+            num_workers=args.workers,
+            sampler=sampler,
+            collate_fn=ImageCollate(
+                args.image_size, train=args.augment, decoder="torchvision", dtype=torch.uint8
+            ),
         )
         val_loader = make_loader(
-            val_ds, batch_size=args.batch_size, num_workers=args.workers,
+            val_ds,
+            batch_size=args.batch_size,
+            num_workers=args.workers,
             sampler=ShardSampler(val_ds, num_replicas=world, rank=rank),
             collate_fn=ImageCollate(args.image_size, train=False, decoder="torchvision", dtype=torch.uint8),
         )
         model = build_model(args.model, num_classes).to(device)
         if world > 1:
-            model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+            model = DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None
+            )
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
         scheduler = torch.optim.lr_scheduler.OneCycleLR(
             optimizer, max_lr=args.lr, total_steps=max(1, args.epochs * len(train_loader))
         )
         loss_fn = nn.CrossEntropyLoss()
-        log(f"world size {world} on {device}; {len(train_ds):,} train / {len(val_ds):,} val rows, "
-            f"{num_classes} classes, model {args.model}, {args.workers} worker(s) per process")
+        log(
+            f"world size {world} on {device}; {len(train_ds):,} train / {len(val_ds):,} val rows, "
+            f"{num_classes} classes, model {args.model}, {args.workers} worker(s) per process"
+        )
         metrics: dict = {"world_size": world, "model": args.model, "label_names": names, "epochs": []}
         for epoch in range(args.epochs):
             sampler.set_epoch(epoch)  # a new order each epoch, the same on every rank
@@ -163,8 +176,11 @@ def main(argv: list[str] | None = None) -> dict:
                 "order_digest": digest,
             }
             metrics["epochs"].append(row)
-            log(f"epoch {epoch}: loss {row['train_loss']:.4f}, val acc {row['val_accuracy']:.2%} "
-                f"({val_seen} samples), {row['images_per_s']:,.0f} img/s", flush=True)
+            log(
+                f"epoch {epoch}: loss {row['train_loss']:.4f}, val acc {row['val_accuracy']:.2%} "
+                f"({val_seen} samples), {row['images_per_s']:,.0f} img/s",
+                flush=True,
+            )
             if rank == 0 and args.metrics_out:
                 write_json(args.metrics_out, metrics)
         return metrics
