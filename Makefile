@@ -19,8 +19,7 @@ $(VENV)/.installed: pyproject.toml
 run: $(VENV)/.installed data notebooks
 
 data: $(VENV)/.installed
-	@test -d $(DATA)/digits-train.lance || $(PY) -m data_prep.convert --source digits --split train --output $(DATA)/digits-train.lance
-	@test -d $(DATA)/digits-test.lance || $(PY) -m data_prep.convert --source digits --split test --output $(DATA)/digits-test.lance
+	$(PY) -c "import lance_cookbook as lc; print(lc.ensure_digits('$(DATA)', progress=True))"
 
 notebooks: $(VENV)/.installed
 	@mkdir -p $(BUILD)

@@ -5,6 +5,7 @@ The map-style recipe: ``SafeLanceDataset`` (batched ``take`` of raw image bytes)
 """
 
 from .collate import Batch, DecodeError, ImageCollate
+from .data import default_data_dir, ensure_digits
 from .dataset import DatasetNotFound, dataset_options, label_names, open_dataset
 from .device import IMAGENET_MEAN, IMAGENET_STD, to_device
 from .loader import check_start_method, default_workers, make_loader
@@ -24,8 +25,10 @@ __all__ = [
     "SmallCNN",
     "build_model",
     "check_start_method",
+    "default_data_dir",
     "dataset_options",
     "default_workers",
+    "ensure_digits",
     "label_names",
     "make_loader",
     "open_dataset",
