@@ -2,6 +2,7 @@
 
     python -m data_prep.convert --source SOURCE --output URI [--split NAME] [--overwrite]
                                 [--max-rows N] [--rows-per-file N] [--skip-invalid]
+                                [--engine local|ray] [--storage-option KEY=VALUE ...]
 
 SOURCE is one of
   digits            the UCI handwritten digits bundled with scikit-learn, stored as PNG (offline default)
@@ -34,7 +35,9 @@ import lance
 import pyarrow as pa
 from lance.fragment import write_fragments
 from PIL import Image, UnidentifiedImageError
-from tqdm.auto import tqdm
+from tqdm import tqdm
+
+from lance_cookbook.object_store import storage_option_arg
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
 METADATA_KEY = b"lance_cookbook"
@@ -403,6 +406,7 @@ def convert(
     batch_rows: int = 512,
     workers: int | None = None,
     progress: bool = True,
+    engine: str = "local",
 ) -> Summary:
     """Convert ``source`` (a spec string or a :class:`Source`) into a Lance dataset at ``output``.
 
@@ -454,28 +458,48 @@ def convert(
     start = time.perf_counter()
     bar = tqdm(total=src.total, unit="img", desc=f"converting {src.description}", disable=not progress)
     try:
-        batches = _batches(
-            src.records,
-            batch_rows,
-            max_rows,
-            skip_invalid,
-            skipped,
-            stats,
-            bar,
-            workers or min(4, os.cpu_count() or 1),
-            src.description,
-        )
-        reader = pa.RecordBatchReader.from_batches(SCHEMA, guarded(batches))
         # Data files first, then one commit whose schema metadata already lists what was skipped: a failure
         # before the commit leaves the dataset (or its absence) exactly as it was.
-        fragments = write_fragments(
-            reader,
-            target,
-            schema=SCHEMA,
-            mode="overwrite" if exists else "create",
-            max_rows_per_file=rows_per_file,
-            storage_options=storage_options,
-        )
+        if engine == "ray":
+            from .ray_engine import write_fragments_ray
+
+            fragments = write_fragments_ray(
+                src.records,
+                target,
+                mode="overwrite" if exists else "create",
+                rows_per_file=rows_per_file,
+                storage_options=storage_options,
+                block_rows=batch_rows,
+                max_rows=max_rows,
+                skip_invalid=skip_invalid,
+                skipped=skipped,
+                stats=stats,
+                progress=bar,
+                description=src.description,
+            )
+        elif engine == "local":
+            batches = _batches(
+                src.records,
+                batch_rows,
+                max_rows,
+                skip_invalid,
+                skipped,
+                stats,
+                bar,
+                workers or min(4, os.cpu_count() or 1),
+                src.description,
+            )
+            reader = pa.RecordBatchReader.from_batches(SCHEMA, guarded(batches))
+            fragments = write_fragments(
+                reader,
+                target,
+                schema=SCHEMA,
+                mode="overwrite" if exists else "create",
+                max_rows_per_file=rows_per_file,
+                storage_options=storage_options,
+            )
+        else:
+            raise ConversionError(f"unknown engine {engine!r} (choose local or ray)")
         info = {"source": src.description, "skipped": skipped}
         schema = SCHEMA.with_metadata(
             {LABEL_NAMES_KEY: json.dumps(src.label_names).encode(), METADATA_KEY: json.dumps(info).encode()}
@@ -512,13 +536,6 @@ def convert(
     )
 
 
-def _storage_option(text: str) -> tuple[str, str]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    return key, value
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m data_prep.convert",
@@ -542,10 +559,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--storage-option",
         action="append",
-        type=_storage_option,
+        type=storage_option_arg,
         default=[],
         metavar="KEY=VALUE",
         help="object-store option passed to Lance (repeatable)",
+    )
+    p.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="local: one process, checking with threads; ray: check and write in parallel on a Ray cluster "
+        "(RAY_ADDRESS, else a local one), then one commit here",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -569,6 +593,7 @@ def main(argv: list[str] | None = None) -> int:
                 label_column=args.label_column,
                 storage_options=dict(args.storage_option) or None,
                 progress=not args.no_progress,
+                engine=args.engine,
             )
     except ConversionError as e:
         hint = " (pass --skip-invalid to skip such files)" if isinstance(e, InvalidImage) else ""

@@ -30,6 +30,7 @@ from .dataset import label_names, open_dataset
 from .device import IMAGENET_MEAN, IMAGENET_STD, to_device
 from .loader import make_loader
 from .models import MODELS, build_model
+from .object_store import storage_option_arg
 from .sampler import ShardSampler
 
 
@@ -47,6 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--augment", action="store_true", help="RandomResizedCrop + flip on the training set")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--metrics-out", type=Path, help="JSON file written by rank 0 after every epoch")
+    p.add_argument(
+        "--storage-option",
+        action="append",
+        type=storage_option_arg,
+        default=[],
+        metavar="KEY=VALUE",
+        help="object-store option for both URIs (repeatable), e.g. aws_region=us-east-1",
+    )
     return p
 
 
@@ -106,12 +115,18 @@ def main(argv: list[str] | None = None) -> dict:
     log = print if rank == 0 else (lambda *a, **k: None)
     try:
         torch.manual_seed(args.seed)
-        train_ds = open_dataset(args.train)
-        val_ds = open_dataset(args.val)
-        names = label_names(args.train)
-        num_classes = (
-            len(names)
-            or int(lance.dataset(args.train).to_table(columns=["label"])["label"].to_numpy().max()) + 1
+        storage_options = dict(args.storage_option) or None
+        train_ds = open_dataset(args.train, storage_options=storage_options)
+        val_ds = open_dataset(args.val, storage_options=storage_options)
+        names = label_names(args.train, storage_options=storage_options)
+        num_classes = len(names) or (
+            int(
+                lance.dataset(args.train, storage_options=storage_options)
+                .to_table(columns=["label"])["label"]
+                .to_numpy()
+                .max()
+            )
+            + 1
         )
         # Training: DistributedSampler pads so every rank gets the same number of samples and batches;
         # no rank waits on a gradient all-reduce that another never starts (drop_last is not needed).

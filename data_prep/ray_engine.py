@@ -1,0 +1,212 @@
+"""``--engine ray``: check images and write Lance data files in parallel on a Ray cluster.
+
+The driver (the process running ``data_prep.convert``) enumerates the source and cuts it into blocks of
+``block_rows`` records, in source order. Then, on any node of the cluster:
+
+1. a ``_check_block`` task per block reads each image (from its path or from the bytes the source gave),
+   checks it with :func:`data_prep.convert.check_image`, and returns a small per-record summary to the
+   driver; the valid rows stay in Ray's object store as an Arrow batch;
+2. the driver reads the summaries in source order, so it numbers the rows (``id``), stops at ``max_rows``
+   and stops at (or, with ``skip_invalid``, records) an invalid image exactly where the local path does;
+3. a ``_write_rows`` task per group of consecutive blocks (up to ``rows_per_file`` rows or
+   ``fragment_bytes``) calls :func:`lance.fragment.write_fragments` and returns the ``FragmentMetadata``.
+
+Nothing is committed here: :func:`data_prep.convert.convert` commits the fragments, in source order, with
+its one ``LanceDataset.commit``, so the dataset holds the same rows in the same order as with
+``--engine local``, and a failure before that commit leaves no new version.
+
+Ray: an already-initialised Ray is used as is. Otherwise ``ray.init()`` joins the cluster named by
+``RAY_ADDRESS`` (``ray start --head`` / a ``RayCluster``) or starts a local one, and shuts it down after.
+Every node must be able to import ``data_prep`` (install the project there) and to read the source paths
+and write the output (object storage or a shared file system).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections import deque
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import pyarrow as pa
+
+from .convert import SCHEMA, ConversionError, InvalidImage, Record, _checked
+
+__all__ = ["write_fragments_ray"]
+
+# 256 MB of images per write task: few enough data files for large datasets, small enough for the object store
+FRAGMENT_BYTES = 256 * 1024 * 1024
+
+
+def _check_block(records: list[Record]) -> tuple[list[Any], pa.RecordBatch]:
+    """Check ``records``; return ``(outcomes, valid_rows)``.
+
+    ``outcomes[i]`` is ``(label, n_bytes)`` for a valid record and ``(where, reason)`` strings for an invalid
+    one; ``valid_rows`` holds the valid records in order (``id`` is set later by the writer).
+    """
+    outcomes: list[Any] = []
+    cols: dict[str, list] = {f.name: [] for f in SCHEMA}
+    for record, data, result in map(_checked, records):
+        if isinstance(result, InvalidImage):
+            outcomes.append((result.where, result.reason))
+            continue
+        outcomes.append((record.label, len(data)))
+        cols["image"].append(data)
+        cols["label"].append(record.label)
+        cols["id"].append(0)
+        cols["source"].append(record.source)
+        cols["width"].append(result[0])
+        cols["height"].append(result[1])
+    return outcomes, pa.RecordBatch.from_pydict(cols, schema=SCHEMA)
+
+
+def _write_rows(
+    target: str,
+    first_id: int,
+    takes: list[int],
+    mode: str,
+    rows_per_file: int,
+    storage_options: dict[str, str] | None,
+    *batches: pa.RecordBatch,
+) -> list:
+    """Write the first ``takes[i]`` rows of each batch, numbered from ``first_id``, as Lance data files."""
+    from lance.fragment import write_fragments
+
+    table = pa.Table.from_batches([b.slice(0, n) for b, n in zip(batches, takes, strict=True)], schema=SCHEMA)
+    ids = pa.array(range(first_id, first_id + table.num_rows), type=pa.int64())
+    table = table.set_column(SCHEMA.get_field_index("id"), SCHEMA.field("id"), ids)
+    return write_fragments(
+        table,
+        target,
+        schema=SCHEMA,
+        mode=mode,
+        max_rows_per_file=rows_per_file,
+        storage_options=storage_options,
+    )
+
+
+def _blocks(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
+    block: list[Record] = []
+    for record in records:
+        block.append(record)
+        if len(block) == size:
+            yield block
+            block = []
+    if block:
+        yield block
+
+
+def write_fragments_ray(
+    records: Iterable[Record],
+    target: str,
+    *,
+    mode: str,
+    rows_per_file: int,
+    storage_options: dict[str, str] | None,
+    block_rows: int,
+    max_rows: int | None,
+    skip_invalid: bool,
+    skipped: list[str],
+    stats: dict,
+    progress: Any,
+    description: str,
+    fragment_bytes: int = FRAGMENT_BYTES,
+    max_in_flight: int | None = None,
+) -> list:
+    """Check and write ``records`` on Ray; return the ``FragmentMetadata`` list, in source order, uncommitted.
+
+    Same contract as the local path of :func:`data_prep.convert.convert`: raises :class:`InvalidImage` for
+    the first invalid record (in source order) unless ``skip_invalid``, which appends it to ``skipped``
+    instead; fills ``stats`` (``image_bytes``, ``labels``); raises :class:`ConversionError` when no row is
+    valid. At most ``max_in_flight`` blocks (default: twice the cluster's CPUs) are checked at a time, so
+    the driver and the object store hold a bounded part of the source however large it is.
+    """
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        with warnings.catch_warnings():
+            # ray.init starts its services with fork+exec; lance's fork warning is for forked workers
+            warnings.filterwarnings("ignore", message="lance is not fork-safe")
+            ray.init(include_dashboard=False, logging_level=logging.WARNING)
+    try:
+        check = ray.remote(_check_block).options(num_returns=2)
+        write = ray.remote(_write_rows)
+        if max_in_flight is None:
+            max_in_flight = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+        blocks = _blocks(records, block_rows)
+        checking: deque = deque()
+        writing: list = []  # every write task, in source order
+        unfinished: list = []  # those not known to be done
+        group: list = []  # (rows_ref, rows taken) of consecutive blocks not yet handed to a writer
+        group_rows = group_bytes = rows = 0
+
+        def flush() -> None:
+            nonlocal group, group_rows, group_bytes, unfinished
+            if group:
+                while len(unfinished) >= max_in_flight:  # writers behind: let them catch up
+                    _, unfinished = ray.wait(unfinished, num_returns=1, fetch_local=False)
+                refs, takes = zip(*group, strict=True)
+                first = rows - group_rows
+                writing.append(
+                    write.remote(target, first, list(takes), mode, rows_per_file, storage_options, *refs)
+                )
+                unfinished.append(writing[-1])
+            group, group_rows, group_bytes = [], 0, 0
+
+        try:
+            exhausted = False
+            while True:
+                while not exhausted and len(checking) < max_in_flight:
+                    block = next(blocks, None)
+                    if block is None:
+                        exhausted = True
+                    else:
+                        checking.append((len(block), *check.remote(block)))
+                if not checking:
+                    break
+                n, outcomes_ref, rows_ref = checking.popleft()
+                taken = taken_bytes = 0
+                for outcome in ray.get(outcomes_ref):
+                    if isinstance(outcome[0], str):
+                        error = InvalidImage(*outcome)
+                        if not skip_invalid:
+                            raise error
+                        skipped.append(str(error))
+                        progress.set_postfix(skipped=len(skipped))
+                        continue
+                    if max_rows is not None and rows >= max_rows:
+                        break
+                    label, n_bytes = outcome
+                    stats["image_bytes"] += n_bytes
+                    stats["labels"].add(label)
+                    taken += 1
+                    taken_bytes += n_bytes
+                    rows += 1
+                progress.update(n)
+                if taken:
+                    group.append((rows_ref, taken))
+                    group_rows += taken
+                    group_bytes += taken_bytes
+                    if group_rows >= rows_per_file or group_bytes >= fragment_bytes:
+                        flush()
+                if max_rows is not None and rows >= max_rows:
+                    break
+            flush()
+            if rows == 0:
+                more = f" ({len(skipped)} invalid skipped)" if skipped else ""
+                raise ConversionError(f"{description}: no valid images to write{more}")
+            return [fragment for fragments in ray.get(writing) for fragment in fragments]
+        except BaseException:
+            for ref in writing:
+                ray.cancel(ref)
+            if writing:  # a cancelled write may still be running: nothing may land in target after we return
+                ray.wait(writing, num_returns=len(writing), timeout=120, fetch_local=False)
+            raise
+        finally:
+            for _, outcomes_ref, _ in checking:  # blocks past max_rows, or after a failure
+                ray.cancel(outcomes_ref)
+    finally:
+        if started:
+            ray.shutdown()

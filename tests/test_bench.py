@@ -1,0 +1,199 @@
+"""The loader benchmark end to end (--quick, small images) and the synthetic image folders it runs on."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lance
+import pyarrow as pa
+import pytest
+import torch
+from PIL import Image
+
+from lance_cookbook import ImageCollate, bench, synthetic
+
+OPTIONS = [
+    "--imagefolder",
+    "--lance",
+    "--image-size",
+    "--batch-size",
+    "--workers",
+    "--epochs",
+    "--json",
+    "--plot",
+    "--quick",
+    "--generate",
+    "--generate-size",
+    "--classes",
+    "--seed",
+    "--loaders",
+    "--work-dir",
+    "--no-progress",
+]
+
+
+def _digests(root: Path) -> dict[str, str]:
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha1(p.read_bytes()).hexdigest() for p in root.rglob("*.jpg")
+    }
+
+
+def test_help_mentions_every_option(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    for option in OPTIONS:
+        assert option in text, option
+    parsed = {s for a in bench.build_parser()._actions for s in a.option_strings if s.startswith("--")}
+    assert parsed - {"--help"} == set(OPTIONS)  # every option the parser has is documented and tested here
+    for key in bench.LOADERS:
+        assert key in text, key
+
+
+def test_synthetic_folder_layout_sizes_distinct(tmp_path):
+    made = synthetic.generate_imagefolder(tmp_path / "a", 60, "40x30", classes=3, seed=1, workers=2)
+    assert (made.count, made.classes, made.size) == (60, 3, (40, 30))
+    root = tmp_path / "a"
+    assert sorted(p.name for p in root.iterdir()) == ["class_000", "class_001", "class_002"]
+    for k in range(3):
+        assert len(list((root / f"class_{k:03d}").glob("*.jpg"))) == 20
+    digests = _digests(root)
+    assert len(digests) == 60 and len(set(digests.values())) == 60  # every image differs
+    for path in root.rglob("*.jpg"):
+        with Image.open(path) as im:
+            assert (im.format, im.mode, im.size) == ("JPEG", "RGB", (40, 30))
+    assert made.bytes == sum(p.stat().st_size for p in root.rglob("*.jpg"))
+
+
+def test_synthetic_is_deterministic(tmp_path):
+    synthetic.generate_imagefolder(tmp_path / "a", 24, (32, 32), classes=4, seed=7, workers=2)
+    synthetic.generate_imagefolder(tmp_path / "b", 24, (32, 32), classes=4, seed=7, workers=1)
+    synthetic.generate_imagefolder(tmp_path / "c", 24, (32, 32), classes=4, seed=8)
+    a, b, c = (_digests(tmp_path / x) for x in "abc")
+    assert a == b  # same seed, same bytes, whatever the thread count
+    assert a.keys() == c.keys() and not set(a.values()) & set(c.values())
+
+
+def test_synthetic_cli_and_errors(tmp_path, capsys):
+    out = tmp_path / "cli"
+    assert synthetic.main(["--output", str(out), "--count", "5", "--size", "20x10", "--classes", "2"]) == 0
+    assert "wrote 5 JPEGs of 20x10" in capsys.readouterr().out
+    assert synthetic.main(["--output", str(out), "--count", "5"]) == 2  # not empty
+    assert "not empty" in capsys.readouterr().err
+    assert synthetic.parse_size("32") == (32, 32)
+    with pytest.raises(ValueError):
+        synthetic.parse_size("axb")
+
+
+def _jpeg(color: tuple[int, int, int], size=(24, 16)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def test_arrow_collate_matches_image_collate(tmp_path):
+    blobs = [_jpeg((10 * i, 255 - 10 * i, 7 * i), size=(24 + i, 16)) for i in range(12)]
+    table = pa.table({"image": pa.array(blobs, pa.binary()), "label": list(range(12)), "id": list(range(12))})
+    uri = str(tmp_path / "t.lance")
+    lance.write_dataset(table, uri)
+    reference = ImageCollate(8, decoder="torchvision", dtype=torch.uint8)
+    arrow = bench.ArrowImageCollate(8, decoder="torchvision", dtype=torch.uint8)
+    rows_ds = bench.ProjectedLanceDataset(uri)
+    arrow_ds = bench.ProjectedLanceDataset(uri, arrow=True)
+    indices = [11, 3, 5, 0]
+    rows = rows_ds.__getitems__(indices)
+    assert set(rows[0]) == {"image", "label"}  # projected: no id column
+    want = reference(rows)
+    got = arrow(arrow_ds.__getitems__(indices))
+    assert torch.equal(got.image, want.image) and torch.equal(got.label, want.label)
+    assert got.label.dtype == torch.int64
+    # a sliced table (non-zero Arrow offset) is viewed at the right bytes
+    sliced = arrow_ds.__getitems__([0, 1, 2, 3]).slice(1, 2)
+    assert torch.equal(arrow(sliced).image, reference(sliced.to_pylist()).image)
+    # a PNG in the batch: no all-JPEG fast path, same result as ImageCollate
+    png = io.BytesIO()
+    Image.new("RGB", (9, 9), (1, 2, 3)).save(png, format="PNG")
+    mixed = pa.table({"image": pa.array([blobs[0], png.getvalue()], pa.binary()), "label": [0, 1]})
+    assert bench.jpeg_views(mixed.column("image")) is None
+    assert torch.equal(arrow(mixed).image, reference(mixed.to_pylist()).image)
+
+
+def _quick_args(tmp_path: Path, workers: int, *extra: str) -> list[str]:
+    return [
+        "--imagefolder",
+        str(tmp_path / "img"),
+        "--generate",
+        "192",
+        "--generate-size",
+        "32x32",
+        "--classes",
+        "4",
+        "--image-size",
+        "32",
+        "--batch-size",
+        "32",
+        "--workers",
+        str(workers),
+        "--quick",
+        "--json",
+        str(tmp_path / "bench.json"),
+        "--plot",
+        str(tmp_path / "bench.png"),
+        "--work-dir",
+        str(tmp_path / "work"),
+        "--no-progress",
+        *extra,
+    ]
+
+
+def test_bench_quick_every_loader(tmp_path, capsys):
+    # every loader in-process (workers=0) keeps this fast; the spawn path is the next test
+    assert bench.main(_quick_args(tmp_path, 0)) == 0
+    out = capsys.readouterr().out
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert set(report["loaders"]) == set(bench.LOADERS)
+    for key, res in report["loaders"].items():
+        assert res["images_per_s"] > 0, key
+        assert len(res["rounds"]) == 1, key  # --quick: one warm-up epoch, one timed
+    assert report["conversion"]["rows"] == 192 and report["conversion"]["images_per_s"] > 0
+    assert report["conversion"]["peak_rss"] > 0
+    assert report["storage"]["lance_bytes"] > 0 and report["storage"]["imagefolder_bytes"] > 0
+    assert report["hf_prepare"]["rows"] == 192
+    assert {t["ratio"] for t in report["targets"]} >= {
+        "lance_ours/imagefolder_pil",
+        "lance_ours/imagefolder_tv",
+    }
+    assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for label in bench.LOADERS.values():
+        assert label in out
+    assert (tmp_path / "work" / "images.lance" / "_versions").is_dir()  # --work-dir keeps the dataset
+
+
+def test_bench_cli_spawn_workers(tmp_path):
+    # the real command line, with spawn workers that unpickle the benchmark's own datasets and collates
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")
+    args = _quick_args(tmp_path, 1, "--loaders", "hf_datasets,lance_arrow")
+    cmd = [sys.executable, "-m", "lance_cookbook.bench", *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert set(report["loaders"]) == {"hf_datasets", "lance_arrow"}
+    for res in report["loaders"].values():
+        assert res["images_per_s"] > 0 and res["startup_s"] > 0
+        assert len(res["worker_peak_rss_mb"]) == 1 and res["worker_peak_rss_mb"][0] > 0
+    assert "images/s" in proc.stdout
+
+
+def test_bench_rejects_bad_arguments(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--imagefolder", str(tmp_path), "--loaders", "nope"])
+    assert "unknown loader" in capsys.readouterr().err
+    assert bench.main(["--imagefolder", str(tmp_path / "missing")]) == 2
+    assert bench.main(["--imagefolder", str(tmp_path), "--epochs", "1"]) == 2

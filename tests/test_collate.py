@@ -1,0 +1,117 @@
+"""ImageCollate: shapes, dtypes, both decoders, both modes, non-RGB inputs, errors that name the row."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+from conftest import encode, id_image, photo
+from PIL import Image
+
+from lance_cookbook import Batch, DecodeError, ImageCollate
+
+
+def rows_of(blobs, labels=None):
+    labels = labels or list(range(len(blobs)))
+    return [
+        {"image": b, "label": y, "id": i, "source": f"s/{i}.img"}
+        for i, (b, y) in enumerate(zip(blobs, labels, strict=True))
+    ]
+
+
+def mixed_blobs() -> list[bytes]:
+    im = photo(1, (40, 30))
+    rgba = im.convert("RGBA")
+    rgba.putalpha(128)
+    return [
+        encode(im, "JPEG"),
+        encode(im.convert("L"), "JPEG"),  # grayscale JPEG
+        encode(im.convert("CMYK"), "JPEG"),  # CMYK JPEG
+        encode(rgba, "PNG"),  # RGBA
+        encode(im.convert("P"), "PNG"),  # palette
+        encode(im.convert("L"), "PNG"),
+        encode(im, "WEBP"),
+        encode(im, "BMP"),  # torchvision cannot decode BMP: PIL fallback
+        encode(im.convert("P"), "GIF"),
+    ]
+
+
+@pytest.mark.parametrize("decoder", ["pil", "torchvision"])
+@pytest.mark.parametrize("train", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.uint8])
+def test_shapes_dtypes_for_every_input_mode(decoder, train, dtype):
+    blobs = mixed_blobs()
+    batch = ImageCollate(size=24, train=train, decoder=decoder, dtype=dtype)(rows_of(blobs))
+    assert isinstance(batch, Batch)
+    images, labels = batch  # the documented loop unpacks the batch
+    assert images is batch.image and labels is batch.label
+    assert images.shape == (len(blobs), 3, 24, 24) and images.dtype == dtype
+    assert labels.dtype == torch.int64 and labels.tolist() == list(range(len(blobs)))
+    if dtype == torch.float32:
+        assert 0.0 <= images.min() and images.max() <= 1.0
+
+
+def test_decoders_agree_on_content():
+    """Both decoders give the same picture (up to resampling differences) for every format."""
+    rows = rows_of(mixed_blobs())
+    a = ImageCollate(size=32, decoder="pil")(rows).image
+    b = ImageCollate(size=32, decoder="torchvision")(rows).image
+    per_image = (a - b).abs().mean(dim=(1, 2, 3))
+    assert per_image.max() < 0.05, per_image
+
+
+def test_eval_resize_keeps_solid_colours_exactly():
+    batch = ImageCollate(size=8, decoder="torchvision", dtype=torch.uint8)(rows_of([id_image(300)]))
+    assert batch.image[0, 0].unique().tolist() == [300 % 256]
+    assert batch.image[0, 1].unique().tolist() == [300 // 256]
+
+
+def test_train_mode_augments_and_eval_is_deterministic():
+    rows = rows_of([encode(photo(3, (80, 60)), "JPEG")] * 8)
+    train = ImageCollate(size=32, train=True, decoder="torchvision")(rows).image
+    assert not all(torch.equal(train[0], t) for t in train[1:])
+    evaluation = ImageCollate(size=32, decoder="torchvision")(rows).image
+    assert all(torch.equal(evaluation[0], t) for t in evaluation[1:])
+
+
+def test_picklable_for_spawn_workers():
+    collate = ImageCollate(size=16, train=True, decoder="torchvision", dtype=torch.uint8)
+    clone = pickle.loads(pickle.dumps(collate))
+    assert clone(rows_of(mixed_blobs()[:2])).image.shape == (2, 3, 16, 16)
+
+
+def test_bad_bytes_raise_naming_the_row():
+    rows = rows_of([encode(photo(0), "JPEG"), b"not an image at all"])
+    for decoder in ("pil", "torchvision"):
+        with pytest.raises(DecodeError, match=r"source='s/1.img'"):
+            ImageCollate(size=8, decoder=decoder)(rows)
+
+
+def test_truncated_jpeg_inside_a_batch_is_found():
+    good = encode(photo(0, (64, 64)), "JPEG")
+    rows = rows_of([good, good[: len(good) // 2], good])
+    with pytest.raises(DecodeError, match=r"s/1.img"):
+        ImageCollate(size=8, decoder="torchvision")(rows)
+
+
+def test_skip_drops_and_counts_bad_rows_but_never_returns_empty():
+    good = encode(photo(0), "JPEG")
+    collate = ImageCollate(size=8, decoder="torchvision", on_error="skip")
+    with pytest.warns(UserWarning, match="s/1.img"):
+        batch = collate(rows_of([good, b"", good, b"junk"], labels=[5, 6, 7, 8]))
+    assert batch.label.tolist() == [5, 7] and collate.skipped == 2
+    with pytest.warns(UserWarning), pytest.raises(DecodeError, match="no image in this batch"):
+        collate(rows_of([b"junk"]))
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"decoder": "cv2"}, {"dtype": torch.float16}, {"on_error": "ignore"}, {"size": 0}]
+)
+def test_bad_arguments_are_refused(kwargs):
+    with pytest.raises(ValueError):
+        ImageCollate(**kwargs)
+
+
+def test_pil_decode_bomb_guard_is_on():
+    assert Image.MAX_IMAGE_PIXELS is not None

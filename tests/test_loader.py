@@ -1,0 +1,129 @@
+"""make_loader + ImageCollate over Lance: spawn workers, every row exactly once, clear errors."""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+
+import pytest
+import torch
+from conftest import encode, photo
+
+from lance_cookbook import (
+    DatasetNotFound,
+    ImageCollate,
+    ShardSampler,
+    label_names,
+    make_loader,
+    open_dataset,
+    to_device,
+)
+
+
+def decoded_ids(images: torch.Tensor) -> list[int]:
+    """Recover the row number each ``id_image`` encodes from a uint8 batch."""
+    return (images[:, 0, 0, 0].long() + 256 * images[:, 1, 0, 0].long()).tolist()
+
+
+def test_two_spawn_workers_yield_every_row_once_per_epoch(id_dataset):
+    loader = make_loader(
+        id_dataset,
+        batch_size=8,
+        num_workers=2,
+        shuffle=True,
+        collate_fn=ImageCollate(size=8, decoder="torchvision", dtype=torch.uint8),
+    )
+    assert loader.multiprocessing_context.get_start_method() == "spawn"
+    assert loader.persistent_workers
+    orders = []
+    for _ in range(2):
+        seen = [i for images, _labels in loader for i in decoded_ids(images)]
+        assert sorted(seen) == list(range(53))
+        orders.append(seen)
+    assert orders[0] != orders[1]  # shuffled anew each epoch
+
+
+def test_pil_recipe_and_labels_match_dataset(id_dataset):
+    loader = make_loader(id_dataset, batch_size=16, num_workers=0, collate_fn=ImageCollate(size=8))
+    labels = torch.cat([labels for _images, labels in loader]).tolist()
+    assert labels == [int(open_dataset(id_dataset)[i]["label"]) for i in range(53)]
+    assert label_names(id_dataset) == ["c0", "c1", "c2"]
+
+
+def test_default_collate_is_the_fast_uint8_path(id_dataset):
+    images, labels = next(iter(make_loader(id_dataset, batch_size=4, num_workers=0)))
+    assert images.dtype == torch.uint8 and images.shape == (4, 3, 224, 224)
+    x, y = to_device((images, labels), "cpu", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    assert x.dtype == torch.float32 and -1.0 <= x.min() and x.max() <= 1.0
+
+
+def test_to_device_does_not_modify_float_input():
+    images = torch.full((1, 3, 2, 2), 0.5)
+    out, _ = to_device((images, torch.zeros(1, dtype=torch.int64)), "cpu", (0.5,) * 3, (0.25,) * 3)
+    assert torch.equal(images, torch.full((1, 3, 2, 2), 0.5)) and out.abs().max() == 0
+
+
+def test_shard_sampler_partitions_for_any_world_size():
+    for n in (0, 1, 7, 53, 100):
+        for world in (1, 2, 3, 4, 8):
+            shards = [list(ShardSampler(n, num_replicas=world, rank=r)) for r in range(world)]
+            assert sorted(i for s in shards for i in s) == list(range(n))
+            assert max(map(len, shards)) - min(map(len, shards)) <= 1
+
+
+def test_version_pins_rows(tmp_path):
+    from data_prep.convert import convert
+
+    uri = tmp_path / "v.lance"
+    convert("digits", uri, max_rows=10, progress=False)
+    convert("digits", uri, max_rows=4, overwrite=True, progress=False)
+    assert len(open_dataset(uri)) == 4
+    assert len(open_dataset(uri, version=1)) == 10
+    with pytest.raises(DatasetNotFound, match="version 9"):
+        open_dataset(uri, version=9)
+
+
+@pytest.mark.parametrize("bad", ["missing.lance", "not-a-dataset", "a-file.txt"])
+def test_bad_uri_fails_in_main_process_naming_it(tmp_path, bad):
+    (tmp_path / "not-a-dataset").mkdir()
+    (tmp_path / "a-file.txt").write_text("hello")
+    uri = str(tmp_path / bad)
+    with pytest.raises(DatasetNotFound, match=bad):
+        make_loader(uri, num_workers=2)
+    assert not multiprocessing.active_children()  # raised before any worker started
+
+
+def test_fork_is_refused_with_the_reason(id_dataset):
+    for ctx in ("fork", multiprocessing.get_context("fork")):
+        with pytest.raises(ValueError, match="fork.*not safe with Lance.*spawn"):
+            make_loader(id_dataset, num_workers=1, multiprocessing_context=ctx)
+    forkserver = make_loader(id_dataset, num_workers=1, multiprocessing_context="forkserver")
+    assert forkserver.multiprocessing_context.get_start_method() == "forkserver"
+
+
+def test_worker_failure_reaches_main_with_original_traceback(tmp_path):
+    import lance
+    import pyarrow as pa
+
+    uri = tmp_path / "bad.lance"
+    good = encode(photo(0), "JPEG")
+    table = pa.table(
+        {"image": [good, b"garbage", good], "label": [0, 1, 2], "source": ["a.jpg", "broken.jpg", "c.jpg"]}
+    )
+    lance.write_dataset(table, str(uri))
+    loader = make_loader(uri, batch_size=3, num_workers=1, collate_fn=ImageCollate(size=8))
+    with pytest.raises(Exception, match="(?s)DataLoader worker process 0.*Original Traceback.*broken.jpg"):
+        next(iter(loader))
+
+
+def test_timeout_bounds_a_stuck_read(id_dataset):
+    loader = make_loader(id_dataset, batch_size=4, num_workers=1, collate_fn=SlowCollate(), timeout=1)
+    with pytest.raises(RuntimeError, match="timed out after 1 seconds"):
+        next(iter(loader))
+
+
+class SlowCollate:
+    """A collate that hangs (stands in for a stuck object-store read)."""
+
+    def __call__(self, rows):
+        time.sleep(30)
