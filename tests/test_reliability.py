@@ -1,0 +1,222 @@
+"""Bad input: one clear line naming the file, exit non-zero, nothing partial left behind."""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+import zlib
+from pathlib import Path
+
+import lance
+import pytest
+from conftest import encode, make_imagefolder, photo
+
+from data_prep import convert as convert_module
+from data_prep.convert import check_image, main
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims ``width x height`` pixels: a decompression bomb's signature."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0"))
+        + chunk(b"IEND", b"")
+    )
+
+
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    code = main([*map(str, args), "--no-progress"])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if ".partial-" in p.name)
+
+
+def jpeg_bytes() -> bytes:
+    return encode(photo(9, (64, 64)), "JPEG")
+
+
+BAD_FILES = {
+    "truncated.jpg": lambda: jpeg_bytes()[: len(jpeg_bytes()) // 2],
+    "text.jpg": lambda: b"this is a text file, not a JPEG\n",
+    "empty.jpg": lambda: b"",
+    "bomb.png": lambda: png_claiming(20000, 20000),
+    "notes.txt": lambda: b"class notes",
+}
+REASONS = {
+    "truncated.jpg": "truncated",
+    "text.jpg": "not a readable image",
+    "empty.jpg": "empty file",
+    "bomb.png": "decompression bomb",
+    "notes.txt": "unsupported extension '.txt'",
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_FILES))
+def test_bad_file_stops_with_one_line_and_nothing_at_output(tmp_path, capsys, name):
+    folder = make_imagefolder(tmp_path / "src", per_class=2)
+    (folder / "dog" / name).write_bytes(BAD_FILES[name]())
+    out = tmp_path / "out.lance"
+    code, stdout, err = run_cli(capsys, "--source", f"imagefolder:{folder}", "--output", out)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert f"dog/{name}" in lines[0] and REASONS[name] in lines[0], lines[0]
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_skip_invalid_finishes_lists_and_records_the_skipped(tmp_path, capsys):
+    folder = make_imagefolder(tmp_path / "src", per_class=2)
+    for name, make in BAD_FILES.items():
+        (folder / "cat" / name).write_bytes(make())
+    out = tmp_path / "out.lance"
+    code, stdout, _ = run_cli(capsys, "--source", f"imagefolder:{folder}", "--output", out, "--skip-invalid")
+    assert code == 0
+    assert f"skipped {len(BAD_FILES)} invalid" in stdout
+    assert all(f"cat/{name}" in stdout for name in BAD_FILES)
+    ds = lance.dataset(str(out))
+    assert ds.count_rows() == 6
+    skipped = json.loads(ds.schema.metadata[b"lance_cookbook"])["skipped"]
+    assert sorted(s.split(":")[0] for s in skipped) == sorted(f"cat/{n}" for n in BAD_FILES)
+
+
+def test_bomb_limit_follows_pil_setting(monkeypatch):
+    from PIL import Image
+
+    small = encode(photo(0, (40, 40)), "PNG")
+    assert check_image(small, "x") == (40, 40)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(convert_module.InvalidImage, match="decompression bomb.*1,600 pixels"):
+        check_image(small, "x")
+
+
+@pytest.mark.parametrize(
+    "layout, message",
+    [
+        ("missing", "does not exist"),
+        ("empty-source", "holds no class folders"),
+        ("empty-class", "class folder .*/bird holds no files"),
+        ("a-file", "is not a folder"),
+    ],
+)
+def test_bad_sources_are_named(tmp_path, capsys, layout, message):
+    src = tmp_path / "src"
+    if layout == "empty-source":
+        src.mkdir()
+    elif layout == "empty-class":
+        make_imagefolder(src, per_class=1)
+        (src / "bird").mkdir()
+    elif layout == "a-file":
+        src.write_text("x")
+    out = tmp_path / "out.lance"
+    code, _, err = run_cli(capsys, "--source", f"imagefolder:{src}", "--output", out)
+    assert code == 2 and str(src) in err
+    assert re.search(message, err), err
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_output_that_is_a_file_or_foreign_folder_is_refused(tmp_path, capsys, imagefolder):
+    target = tmp_path / "taken"
+    target.write_text("precious")
+    code, _, err = run_cli(capsys, "--source", f"imagefolder:{imagefolder}", "--output", target)
+    assert code == 2 and "is a file" in err and target.read_text() == "precious"
+    folder = tmp_path / "foreign"
+    folder.mkdir()
+    (folder / "keep.txt").write_text("mine")
+    code, _, err = run_cli(
+        capsys, "--source", f"imagefolder:{imagefolder}", "--output", folder, "--overwrite"
+    )
+    assert code == 2 and "not a Lance dataset" in err and (folder / "keep.txt").read_text() == "mine"
+
+
+def test_existing_dataset_needs_overwrite_and_keeps_its_version(tmp_path, capsys, imagefolder):
+    out = tmp_path / "out.lance"
+    assert run_cli(capsys, "--source", f"imagefolder:{imagefolder}", "--output", out)[0] == 0
+    code, _, err = run_cli(capsys, "--source", "digits", "--output", out)
+    assert code == 2 and "--overwrite" in err
+    assert lance.dataset(str(out)).version == 1 and lance.dataset(str(out)).count_rows() == 12
+
+
+def test_failed_overwrite_keeps_previous_version_latest(tmp_path, capsys, imagefolder):
+    out = tmp_path / "out.lance"
+    assert run_cli(capsys, "--source", "digits", "--split", "test", "--output", out)[0] == 0
+    (imagefolder / "dog" / "zz-broken.jpg").write_bytes(b"junk")
+    code, _, err = run_cli(capsys, "--source", f"imagefolder:{imagefolder}", "--output", out, "--overwrite")
+    assert code == 2 and "dog/zz-broken.jpg" in err
+    ds = lance.dataset(str(out))
+    assert ds.version == 1 and ds.count_rows() == 360
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_interrupted_conversion_leaves_previous_state(tmp_path, capsys, monkeypatch, existing):
+    """Ctrl-C halfway through the stream: no new dataset, or the previous version still the latest."""
+    folder = make_imagefolder(tmp_path / "src", classes=("a", "b"), per_class=30, size=(16, 16))
+    out = tmp_path / "out.lance"
+    if existing:
+        assert run_cli(capsys, "--source", "digits", "--split", "test", "--output", out)[0] == 0
+    real = convert_module._checked
+    calls = {"n": 0}
+
+    def interrupt_halfway(record):
+        calls["n"] += 1
+        if calls["n"] == 31:
+            raise KeyboardInterrupt
+        return real(record)
+
+    monkeypatch.setattr(convert_module, "_checked", interrupt_halfway)
+    monkeypatch.setattr(convert_module, "ThreadPoolExecutor", _InlineExecutor)
+    args = ["--source", f"imagefolder:{folder}", "--output", out, "--overwrite", "--rows-per-file", "8"]
+    code, _, err = run_cli(capsys, *args)
+    assert code == 130 and "interrupted" in err
+    assert calls["n"] == 31  # it really stopped halfway
+    if existing:
+        ds = lance.dataset(str(out))
+        assert ds.version == 1 and ds.count_rows() == 360
+    else:
+        assert not out.exists()
+    assert leftovers(tmp_path) == []
+
+
+class _InlineExecutor:
+    """Runs ``map`` in the calling thread, so a KeyboardInterrupt raised by a record surfaces as it would."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def map(self, fn, items):
+        return map(fn, items)
+
+
+def test_unknown_source_kind(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "--source", "ftp:somewhere", "--output", tmp_path / "o.lance")
+    assert code == 2 and "unknown source 'ftp:somewhere'" in err
+
+
+def test_no_remote_code_or_pickles_anywhere():
+    """Security: no trust_remote_code, nothing pickled to disk, in the package or the notebooks."""
+    from conftest import REPO
+
+    needles = ("trust_remote_code", "pickle.dump(", "pickle.load(", "torch.load(")
+    for path in [
+        *REPO.glob("lance_cookbook/*.py"),
+        *REPO.glob("data_prep/*.py"),
+        *REPO.glob("notebooks/*.ipynb"),
+    ]:
+        text = path.read_text()
+        for needle in needles:
+            assert needle not in text, f"{needle} in {path}"
