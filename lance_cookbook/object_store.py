@@ -7,11 +7,12 @@ Lance reads and writes ``s3://bucket/path.lance`` itself (no boto3 at run time);
 
 from __future__ import annotations
 
-import argparse
 import logging
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+
+from data_prep.convert import storage_option_arg  # noqa: F401 - re-exported for the CLIs
 
 __all__ = ["s3_storage_options", "storage_option_arg", "local_s3"]
 
@@ -50,14 +51,6 @@ def s3_storage_options(
 def _endpoint(server) -> str:
     host, port = server.get_host_and_port()
     return f"http://{host}:{port}"
-
-
-def storage_option_arg(text: str) -> tuple[str, str]:
-    """argparse ``type=`` for a repeatable ``--storage-option KEY=VALUE``; ``dict(args.storage_option)``."""
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    return key, value
 
 
 @contextmanager
