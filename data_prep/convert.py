@@ -363,10 +363,7 @@ def _batches(
             for record, data, result in itertools.chain.from_iterable(pool.map(_checked_chunk, parts)):
                 progress.update(1)
                 if isinstance(result, InvalidImage):
-                    if not skip_invalid:
-                        raise result
-                    skipped.append(str(result))
-                    progress.set_postfix(skipped=len(skipped))
+                    record_invalid(result, skip_invalid, skipped, progress)
                     continue
                 if max_rows is not None and rows >= max_rows:
                     break
@@ -547,6 +544,26 @@ def convert(
     )
 
 
+def add_storage_option_argument(parser: argparse.ArgumentParser, help: str) -> None:
+    """The repeatable ``--storage-option KEY=VALUE``; read it as ``dict(args.storage_option)``."""
+    parser.add_argument(
+        "--storage-option",
+        action="append",
+        type=storage_option_arg,
+        default=[],
+        metavar="KEY=VALUE",
+        help=help,
+    )
+
+
+def record_invalid(error: InvalidImage, skip_invalid: bool, skipped: list[str], progress: tqdm) -> None:
+    """Raise ``error``, or with ``skip_invalid`` list it as skipped and show the count on the progress bar."""
+    if not skip_invalid:
+        raise error
+    skipped.append(str(error))
+    progress.set_postfix(skipped=len(skipped))
+
+
 def storage_option_arg(text: str) -> tuple[str, str]:
     """argparse ``type=`` for a repeatable ``--storage-option KEY=VALUE``; ``dict(args.storage_option)``."""
     key, sep, value = text.partition("=")
@@ -575,14 +592,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="skip images that fail their check, list them, and record them in the metadata",
     )
-    p.add_argument(
-        "--storage-option",
-        action="append",
-        type=storage_option_arg,
-        default=[],
-        metavar="KEY=VALUE",
-        help="object-store option passed to Lance (repeatable)",
-    )
+    add_storage_option_argument(p, "object-store option passed to Lance (repeatable)")
     p.add_argument(
         "--engine",
         choices=("local", "ray"),

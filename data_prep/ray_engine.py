@@ -31,7 +31,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from .convert import SCHEMA, ConversionError, InvalidImage, Record, _checked
+from .convert import SCHEMA, ConversionError, InvalidImage, Record, _checked, record_invalid
 
 __all__ = ["write_fragments_ray"]
 
@@ -170,11 +170,7 @@ def write_fragments_ray(
                 taken = taken_bytes = 0
                 for outcome in ray.get(outcomes_ref):
                     if isinstance(outcome[0], str):
-                        error = InvalidImage(*outcome)
-                        if not skip_invalid:
-                            raise error
-                        skipped.append(str(error))
-                        progress.set_postfix(skipped=len(skipped))
+                        record_invalid(InvalidImage(*outcome), skip_invalid, skipped, progress)
                         continue
                     if max_rows is not None and rows >= max_rows:
                         break

@@ -25,12 +25,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data.distributed import DistributedSampler
 
+from data_prep.convert import add_storage_option_argument
+
 from .collate import ImageCollate
 from .dataset import label_names, open_dataset
 from .device import IMAGENET_MEAN, IMAGENET_STD, to_device
 from .loader import make_loader
 from .models import MODELS, build_model
-from .object_store import storage_option_arg
 from .sampler import ShardSampler
 
 
@@ -48,13 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--augment", action="store_true", help="RandomResizedCrop + flip on the training set")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--metrics-out", type=Path, help="JSON file written by rank 0 after every epoch")
-    p.add_argument(
-        "--storage-option",
-        action="append",
-        type=storage_option_arg,
-        default=[],
-        metavar="KEY=VALUE",
-        help="object-store option for both URIs (repeatable), e.g. aws_region=us-east-1",
+    add_storage_option_argument(
+        p, "object-store option for both URIs (repeatable), e.g. aws_region=us-east-1"
     )
     return p
 
