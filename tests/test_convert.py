@@ -124,3 +124,26 @@ def test_memory_stays_bounded_while_streaming(tmp_path: Path):
     finally:
         mod._batches = real
     assert produced == [8] * 5
+
+
+def test_hub_parquet_layout_with_embedded_bytes(tmp_path: Path):
+    """Laid out like uoft-cs/cifar10 on the hub: parquet shards, an ``img`` column holding encoded bytes."""
+    import datasets
+    from conftest import encode, photo
+
+    blobs = [encode(photo(i, (32, 32)), "PNG") for i in range(6)]
+    features = datasets.Features(
+        {"img": datasets.Image(), "label": datasets.ClassLabel(names=["airplane", "cat"])}
+    )
+    table = datasets.Dataset.from_dict(
+        {"img": [{"bytes": b, "path": None} for b in blobs], "label": [0, 1, 0, 1, 1, 0]}, features=features
+    )
+    (tmp_path / "repo" / "plain_text").mkdir(parents=True)
+    table.to_parquet(str(tmp_path / "repo" / "plain_text" / "train-00000-of-00001.parquet"))
+    out = tmp_path / "cifar.lance"
+    convert(f"hf:{tmp_path / 'repo'}", out, split="train", progress=False)
+    got = rows(out)
+    assert [r["image"] for r in got] == blobs
+    assert [r["label"] for r in got] == [0, 1, 0, 1, 1, 0]
+    assert label_names(out) == ["airplane", "cat"]
+    assert got[0]["source"].endswith("[train] row 0")
