@@ -248,7 +248,7 @@ def hf_source(
 
     split = split or "train"
     local = Path(name).expanduser()
-    if (name.startswith((".", "/", "~")) or os.sep in name and local.exists()) and not local.exists():
+    if name.startswith((".", "/", "~")) and not local.exists():  # a path, not a hub name
         raise ConversionError(f"hf: local dataset folder {local} does not exist")
     try:
         ds = datasets.load_dataset(str(local) if local.exists() else name, split=split)

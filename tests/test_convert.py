@@ -61,7 +61,9 @@ def test_hf_unknown_split_and_missing_columns_are_clear(tmp_path: Path):
         convert(f"hf:{hub}", tmp_path / "x.lance", split="test", progress=False)
     with pytest.raises(ConversionError, match="no label column found.*--label-column"):
         convert(f"hf:{hub}", tmp_path / "y.lance", label_column="nope", progress=False)
-    assert not (tmp_path / "x.lance").exists() and not (tmp_path / "y.lance").exists()
+    with pytest.raises(ConversionError, match="local dataset folder .*/nowhere does not exist"):
+        convert(f"hf:{tmp_path / 'nowhere'}", tmp_path / "z.lance", progress=False)
+    assert not any((tmp_path / n).exists() for n in ("x.lance", "y.lance", "z.lance"))
 
 
 def test_digits_splits_are_disjoint_pngs_with_names(tmp_path: Path):
