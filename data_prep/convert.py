@@ -395,8 +395,15 @@ def _dataset_exists(uri: str, storage_options: dict | None) -> bool:
         return False
 
 
-def _dir_size(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+def dir_bytes(path: str | os.PathLike) -> tuple[int, int]:
+    """(apparent bytes, allocated bytes) of every file under ``path``."""
+    apparent = allocated = 0
+    for dirpath, _, filenames in os.walk(path):
+        for name in filenames:
+            st = os.stat(os.path.join(dirpath, name))
+            apparent += st.st_size
+            allocated += getattr(st, "st_blocks", st.st_size // 512) * 512
+    return apparent, allocated
 
 
 def convert(
@@ -537,7 +544,7 @@ def convert(
         rows=ds.count_rows(),
         classes=len(src.label_names) or len(stats["labels"]),
         image_bytes=stats["image_bytes"],
-        disk_bytes=None if remote else _dir_size(Path(uri)),
+        disk_bytes=None if remote else dir_bytes(uri)[0],
         seconds=seconds,
         version=ds.version,
         skipped=skipped,

@@ -58,6 +58,8 @@ from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
 from torchvision.io import ImageReadMode, decode_jpeg
 
+from data_prep.convert import dir_bytes
+
 from .collate import JPEG_MAGIC, Batch, ImageCollate
 from .loader import default_workers, make_loader
 
@@ -238,17 +240,6 @@ def _reset_peak() -> None:
         pass
 
 
-def _dir_bytes(path: str | os.PathLike) -> tuple[int, int]:
-    """(apparent bytes, allocated bytes) of every file under ``path``."""
-    apparent = allocated = 0
-    for dirpath, _, filenames in os.walk(path):
-        for name in filenames:
-            st = os.stat(os.path.join(dirpath, name))
-            apparent += st.st_size
-            allocated += getattr(st, "st_blocks", st.st_size // 512) * 512
-    return apparent, allocated
-
-
 def _count(batch: Any) -> int:
     labels = batch["label"] if isinstance(batch, dict) else batch[1]
     return len(labels)
@@ -407,7 +398,7 @@ def _log(message: str) -> None:
 
 def _folder_stats(folder: str) -> dict[str, Any]:
     files = [os.path.join(d, f) for d, _, names in os.walk(folder) for f in names if not f.startswith(".")]
-    apparent, allocated = _dir_bytes(folder)
+    apparent, allocated = dir_bytes(folder)
     sizes = set()
     for path in files[:: max(1, len(files) // 20)][:20]:
         with Image.open(path) as im:
@@ -475,7 +466,7 @@ def _load_hf(folder: str, cache_dir: str, size: int, progress: bool) -> tuple[An
     ds = datasets.load_dataset("imagefolder", data_dir=folder, split="train", cache_dir=cache_dir)
     seconds = time.perf_counter() - start
     ds.set_transform(HFTransform(size))
-    apparent, _ = _dir_bytes(cache_dir)
+    apparent, _ = dir_bytes(cache_dir)
     return ds, {
         "rows": len(ds),
         "seconds": seconds,
@@ -533,7 +524,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             _log(f"converting {folder} -> {uri}")
             report["conversion"] = convert_in_child(folder, uri, progress=progress)
         report["lance_uri"] = uri
-        lance_bytes = _dir_bytes(uri)
+        lance_bytes = dir_bytes(uri)
         report["storage"] = {
             "imagefolder_bytes": stats["bytes"],
             "imagefolder_allocated_bytes": stats["allocated_bytes"],
