@@ -20,11 +20,11 @@ Loaders (keys for ``--loaders``):
   hf_datasets        (d) HF datasets load_dataset("imagefolder") + set_transform(Resize + ToTensor)
   lance_rows         (e) SafeLanceDataset row by row (one take per image) + the collate of (g)
   lance_documented   (f) make_loader + ImageCollate(S) (decoder="pil", float32): the recipe as printed
-  lance_ours         (g) make_loader + ImageCollate(S, decoder="torchvision", dtype=torch.uint8)
-  lance_projected    (h) (g) reading only the image and label columns
-  lance_arrow        (i) (h) with the Arrow table handed to the collate: JPEG bytes decoded in place, no
-                         Python bytes or dicts; the batch is stacked NHWC (channels_last, a copy instead
-                         of a transpose) straight into shared memory
+  lance_ours         (g) make_loader + ImageCollate(S, decoder="torchvision", dtype=torch.uint8): the recipe
+                         (LanceImageDataset: image and label columns only, one sorted take per batch)
+  lance_all_columns  (h) (g) through SafeLanceDataset as is: every column, indices in sampler order
+  lance_arrow        (i) (g) with the Arrow table handed to the collate: JPEG bytes decoded in place, no
+                         Python bytes or dicts
 
 Also reported: conversion images/s and peak RSS (in a fresh process), bytes on disk per format, peak RSS
 of the main process (per loader) and of the workers. Output: a table on stdout, ``--json``, ``--plot``.
@@ -60,17 +60,17 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from data_prep.convert import dir_bytes
 
-from .collate import JPEG_MAGIC, Batch, ImageCollate
+from .collate import JPEG_MAGIC, Batch, ImageCollate, stack_channels_last
+from .dataset import LanceImageDataset
 from .loader import default_workers, make_loader
 
 __all__ = [
     "BytesImageFolder",
     "RowByRowDataset",
     "HFTransform",
-    "ProjectedLanceDataset",
+    "ArrowLanceDataset",
     "ArrowImageCollate",
     "jpeg_views",
-    "stack_channels_last",
     "LOADERS",
     "run",
     "main",
@@ -85,8 +85,8 @@ LOADERS: dict[str, str] = {
     "lance_rows": "(e) SafeLanceDataset row by row",
     "lance_documented": "(f) documented: ImageCollate pil float32",
     "lance_ours": "(g) ours: ImageCollate torchvision uint8",
-    "lance_projected": "(h) (g) + image/label columns only",
-    "lance_arrow": "(i) (h) + Arrow in place, NHWC shm stack",
+    "lance_all_columns": "(h) (g) via SafeLanceDataset: all columns",
+    "lance_arrow": "(i) (g) + Arrow table decoded in place",
 }
 BOUNDS = ("bound_pil", "bound_tv")
 MB = 1024 * 1024
@@ -129,27 +129,18 @@ class HFTransform:
         }
 
 
-class ProjectedLanceDataset(SafeLanceDataset):
-    """``SafeLanceDataset`` whose batched ``take`` reads only ``columns``.
-
-    ``arrow=True`` returns the ``pyarrow.Table`` itself instead of ``list[dict]``: the collate can then
-    read the binary column's buffers in place (see :class:`ArrowImageCollate`).
-    """
-
-    def __init__(self, uri: str, *, columns=("image", "label"), arrow: bool = False, dataset_options=None):
-        super().__init__(uri, dataset_options=dataset_options)
-        self.columns = list(columns)
-        self.arrow = arrow
+class ArrowLanceDataset(LanceImageDataset):
+    """``LanceImageDataset`` whose ``__getitems__`` returns the ``pyarrow.Table`` of its sorted ``take``
+    (rows in index order, not in the order asked for: a batch is a set), so the collate can read the binary
+    column's buffers in place (see :class:`ArrowImageCollate`)."""
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        table = self.__getitems__([index])
-        return table.slice(0, 1).to_pylist()[0] if self.arrow else table[0]
+        return self.__getitems__([index]).to_pylist()[0]
 
     def __getitems__(self, indices: list[int]) -> Any:
         if self._ds is None:
             self._ds = lance.dataset(self.uri, **self.dataset_options)
-        table = self._ds.take(indices, columns=self.columns)
-        return table if self.arrow else table.to_pylist()
+        return self._ds.take(sorted(indices), columns=self.columns)
 
 
 def jpeg_views(column: pa.Array | pa.ChunkedArray) -> list[torch.Tensor] | None:
@@ -181,10 +172,9 @@ def jpeg_views(column: pa.Array | pa.ChunkedArray) -> list[torch.Tensor] | None:
 
 
 class ArrowImageCollate(ImageCollate):
-    """``ImageCollate`` that also takes the ``pyarrow.Table`` of one ``take`` (``ProjectedLanceDataset(...,
-    arrow=True)``): JPEG bytes are decoded straight from Arrow's buffer, labels come from numpy, and inside a
-    worker the batch is stacked into shared memory (as ``default_collate`` does), so handing it to the main
-    process copies nothing. Anything but an all-JPEG, all-valid batch goes through ``ImageCollate``."""
+    """``ImageCollate`` that also takes the ``pyarrow.Table`` of one ``take`` (:class:`ArrowLanceDataset`):
+    JPEG bytes are decoded straight from Arrow's buffer (no Python bytes, no dicts) and labels come from
+    numpy. Anything but an all-JPEG, all-valid batch goes through ``ImageCollate``."""
 
     def __call__(self, rows: Any) -> Batch:
         if isinstance(rows, list):
@@ -196,29 +186,9 @@ class ArrowImageCollate(ImageCollate):
             decoded = decode_jpeg(views, mode=ImageReadMode.RGB)
         except RuntimeError:
             return super().__call__(rows.to_pylist())  # names the bad row, or skips it
-        images = stack_channels_last([self._tensor_transform(img) for img in decoded])
-        if self.dtype == torch.float32:
-            images = images.to(torch.float32).div_(255)
+        images = stack_channels_last([self._geometry(img) for img in decoded], self.dtype)
         labels = rows.column(self.label_column).to_numpy().astype(np.int64)  # a writable copy
         return Batch(images, torch.from_numpy(labels))
-
-
-def stack_channels_last(images: list[torch.Tensor]) -> torch.Tensor:
-    """Stack ``[3, H, W]`` uint8 images into a ``[B, 3, H, W]`` batch stored NHWC (``channels_last``).
-
-    ``decode_jpeg`` and the uint8 ``Resize`` return images stored HWC, so this is a plain copy where
-    ``torch.stack`` into NCHW is a transpose (4x slower at 224 px). Inside a DataLoader worker the batch is
-    written straight into shared memory, as ``default_collate`` does, so handing it over copies nothing.
-    """
-    c, h, w = images[0].shape
-    shape = (len(images), h, w, c)
-    if torch.utils.data.get_worker_info() is not None:
-        storage = torch.UntypedStorage._new_shared(len(images) * h * w * c * images[0].element_size())
-        out = torch.empty(0, dtype=images[0].dtype).set_(storage).view(shape)
-    else:
-        out = torch.empty(shape, dtype=images[0].dtype)
-    torch.stack([img.permute(1, 2, 0) for img in images], out=out)
-    return out.permute(0, 3, 1, 2)
 
 
 # ------------------------------------------------------------------------------------------ measuring
@@ -446,10 +416,10 @@ def _build(
         return Candidate(key, make_loader(uri, collate_fn=ImageCollate(size), **make), "float32")
     if key == "lance_ours":
         return Candidate(key, make_loader(uri, collate_fn=ours, **make), "uint8")
-    if key == "lance_projected":
-        return Candidate(key, make_loader(ProjectedLanceDataset(uri), collate_fn=ours, **make), "uint8")
+    if key == "lance_all_columns":
+        return Candidate(key, make_loader(SafeLanceDataset(uri), collate_fn=ours, **make), "uint8")
     if key == "lance_arrow":
-        dataset = ProjectedLanceDataset(uri, arrow=True)
+        dataset = ArrowLanceDataset(uri)
         collate = ArrowImageCollate(size, decoder="torchvision", dtype=torch.uint8)
         return Candidate(key, make_loader(dataset, collate_fn=collate, **make), "uint8")
     raise ValueError(f"unknown loader {key!r}")
@@ -619,7 +589,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def _ratios(report: dict[str, Any]) -> tuple[dict[str, float], list[dict[str, Any]]]:
     rate = {k: v["images_per_s"] for k, v in report.get("loaders", {}).items()}
     ratios: dict[str, float] = {}
-    for num in ("lance_ours", "lance_projected", "lance_arrow", "lance_documented", "imagefolder_tv"):
+    for num in ("lance_ours", "lance_all_columns", "lance_arrow", "lance_documented", "imagefolder_tv"):
         for den in ("imagefolder_pil", "imagefolder_tv", "bound_tv", "bound_pil", "hf_datasets"):
             if num != den and rate.get(num) and rate.get(den):
                 ratios[f"{num}/{den}"] = rate[num] / rate[den]

@@ -9,7 +9,9 @@ from typing import Any
 import lance
 from lance.torch.data import SafeLanceDataset
 
-__all__ = ["open_dataset", "label_names", "dataset_options", "DatasetNotFound"]
+from .collate import ROW_INDEX_KEY
+
+__all__ = ["open_dataset", "LanceImageDataset", "label_names", "dataset_options", "DatasetNotFound"]
 
 
 class DatasetNotFound(FileNotFoundError):
@@ -36,21 +38,84 @@ def _open(uri: str | os.PathLike, options: dict) -> lance.LanceDataset:
         raise DatasetNotFound(f"cannot open {what}Lance dataset at {uri!r}: {reason}") from None
 
 
+class RowRef:
+    """A row's position in a :class:`LanceImageDataset`; ``str()`` names it, looking up its ``source`` (or
+    ``id``) only then, so a decode error names the file without every batch reading that column."""
+
+    __slots__ = ("dataset", "index")
+
+    def __init__(self, dataset: LanceImageDataset, index: int):
+        self.dataset = dataset
+        self.index = index
+
+    def __str__(self) -> str:
+        ds = self.dataset._ds or lance.dataset(self.dataset.uri, **self.dataset.dataset_options)
+        for key in ("source", "id"):
+            if key in ds.schema.names:
+                try:
+                    return (
+                        f"row {self.index} ({key}={ds.take([self.index], columns=[key])[key][0].as_py()!r})"
+                    )
+                except (OSError, ValueError):
+                    break
+        return f"row {self.index}"
+
+    __repr__ = __str__
+
+
+class LanceImageDataset(SafeLanceDataset):
+    """``SafeLanceDataset`` whose batched read takes only ``columns``.
+
+    ``__getitems__(indices)`` does one ``take`` of the listed columns and returns ``list[dict]`` in the order
+    asked for (duplicates included). Each row also carries a :class:`RowRef` under ``"_row"``, so a decode
+    error names the row and its source file without reading that column for every batch. ``columns=None``
+    reads every column, as ``SafeLanceDataset`` does. Opens lazily in each worker and pickles cheaply, like
+    its parent.
+    """
+
+    def __init__(
+        self,
+        uri: str,
+        *,
+        columns: list[str] | tuple[str, ...] | None = ("image", "label"),
+        dataset_options: dict | None = None,
+    ):
+        super().__init__(uri, dataset_options=dataset_options)
+        self.columns = list(columns) if columns is not None else None
+
+    def __getitems__(self, indices: list[int]) -> list[dict[str, Any]]:
+        if self._ds is None:
+            self._ds = lance.dataset(self.uri, **self.dataset_options)
+        rows = self._ds.take(indices, columns=self.columns).to_pylist()
+        for index, row in zip(indices, rows, strict=True):
+            row[ROW_INDEX_KEY] = RowRef(self, index)
+        return rows
+
+
 def open_dataset(
     uri: str | os.PathLike,
     *,
     version: int | str | None = None,
     storage_options: dict[str, str] | None = None,
-) -> SafeLanceDataset:
-    """``SafeLanceDataset`` over ``uri``, checked in the calling process.
+    columns: list[str] | tuple[str, ...] | None = None,
+) -> LanceImageDataset:
+    """:class:`LanceImageDataset` (a ``SafeLanceDataset``) over ``uri``, checked in the calling process.
 
-    The dataset is opened here once (so a wrong path fails now, naming the URI, instead of inside a worker)
-    and then lazily in each worker. ``version`` pins the rows: indices are row positions of one version.
-    ``storage_options`` (object-store credentials, endpoint) reach every worker through ``dataset_options``.
+    The dataset is opened here once (so a wrong path, or a column it lacks, fails now, naming the URI,
+    instead of inside a worker) and then lazily in each worker. ``version`` pins the rows: indices are row
+    positions of one version. ``storage_options`` (object-store credentials, endpoint) reach every worker
+    through ``dataset_options``. ``columns`` limits what each batch reads (default: every column).
     """
     options = dataset_options(version, storage_options)
-    _open(uri, options)
-    return SafeLanceDataset(os.fspath(uri), dataset_options=options)
+    ds = _open(uri, options)
+    if columns is not None:
+        missing = [c for c in columns if c not in ds.schema.names]
+        if missing:
+            raise KeyError(
+                f"Lance dataset at {os.fspath(uri)!r} has no column {', '.join(map(repr, missing))} "
+                f"(it has {', '.join(ds.schema.names)})"
+            )
+    return LanceImageDataset(os.fspath(uri), columns=columns, dataset_options=options)
 
 
 def label_names(uri: str | os.PathLike, *, storage_options: dict[str, str] | None = None) -> list[str]:

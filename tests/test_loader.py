@@ -57,6 +57,35 @@ def test_default_collate_is_the_fast_uint8_path(id_dataset):
     assert x.dtype == torch.float32 and -1.0 <= x.min() and x.max() <= 1.0
 
 
+def test_workers_hand_over_the_same_channels_last_batches(id_dataset):
+    """Through 2 spawn workers (small batches by value, the 4.8 MB one through shared memory) the batches
+    equal the in-process ones, strides included."""
+    for size in (8, 160):
+        collate = ImageCollate(size=size, decoder="torchvision", dtype=torch.uint8)
+        batches = [
+            list(make_loader(id_dataset, batch_size=32, num_workers=w, collate_fn=collate)) for w in (0, 2)
+        ]
+        for (a, y), (b, z) in zip(*batches, strict=True):
+            assert a.is_contiguous(memory_format=torch.channels_last) and a.stride() == b.stride()
+            assert torch.equal(a, b) and torch.equal(y, z)
+
+
+def test_loader_reads_only_what_the_collate_needs(id_dataset):
+    assert make_loader(id_dataset, num_workers=0).dataset.columns == ["image", "label"]
+    everything = make_loader(id_dataset, num_workers=0, collate_fn=list).dataset  # not an ImageCollate
+    assert everything.columns is None and {"source", "id"} <= set(everything[0])
+    assert make_loader(id_dataset, num_workers=0, columns=["label"]).dataset[3]["label"] == 0
+    with pytest.raises(KeyError, match="ids.lance.*no column 'pixels'"):
+        make_loader(id_dataset, columns=["pixels"])
+
+
+def test_rows_come_back_in_the_order_asked_with_duplicates(id_dataset):
+    ds = open_dataset(id_dataset, columns=["id"])
+    rows = ds.__getitems__([7, 2, 7, 0])
+    assert [row["id"] for row in rows] == [7, 2, 7, 0]
+    assert str(rows[1]["_row"]).startswith("row 2 (source=") and str(rows[1]["_row"]).endswith(".png')")
+
+
 def test_to_device_does_not_modify_float_input():
     images = torch.full((1, 3, 2, 2), 0.5)
     out, _ = to_device((images, torch.zeros(1, dtype=torch.int64)), "cpu", (0.5,) * 3, (0.25,) * 3)
@@ -112,7 +141,8 @@ def test_worker_failure_reaches_main_with_original_traceback(tmp_path):
     )
     lance.write_dataset(table, str(uri))
     loader = make_loader(uri, batch_size=3, num_workers=1, collate_fn=ImageCollate(size=8))
-    with pytest.raises(Exception, match="(?s)DataLoader worker process 0.*Original Traceback.*broken.jpg"):
+    match = r"(?s)DataLoader worker process 0.*Original Traceback.*row 1 \(source='broken.jpg'\)"
+    with pytest.raises(Exception, match=match):  # only image and label are read; the name is looked up
         next(iter(loader))
 
 
