@@ -32,7 +32,6 @@ from torchvision.transforms.v2 import functional as F
 __all__ = ["Batch", "ImageCollate", "DecodeError", "stack_channels_last"]
 
 JPEG_MAGIC = b"\xff\xd8\xff"
-ROW_INDEX_KEY = "_row"  # LanceImageDataset puts a RowRef here: str() names the row and its source file
 
 # Tensors up to this size cross from a worker to the main process by value, through the pipe; larger ones
 # through shared memory. Measured with 2 spawn workers handing over empty uint8 batches of 64: by value
@@ -118,13 +117,13 @@ class DecodeError(ValueError):
     """Stored bytes that do not decode; the message names the row."""
 
 
-def _row_name(row: dict[str, Any], position: int) -> str:
+def _row_name(rows: list[dict[str, Any]], position: int) -> str:
+    row = rows[position]
     for key in ("source", "id"):
         if row.get(key) is not None:
             return f"row {key}={row[key]!r}"
-    if row.get(ROW_INDEX_KEY) is not None:
-        return str(row[ROW_INDEX_KEY])
-    return f"batch position {position}"
+    describe = getattr(rows, "describe", None)  # lance_cookbook.dataset.Rows: looks the source file up
+    return describe(position) if describe is not None else f"batch position {position}"
 
 
 def _pil_to_rgb(data: bytes) -> Image.Image:
@@ -255,7 +254,7 @@ class ImageCollate:
         images, labels = [], []
         for position, (row, img) in enumerate(zip(rows, decoded, strict=True)):
             if isinstance(img, Exception):
-                message = f"cannot decode image at {_row_name(row, position)}: {img}"
+                message = f"cannot decode image at {_row_name(rows, position)}: {img}"
                 if self.on_error == "raise":
                     raise DecodeError(message) from img
                 self.skipped += 1

@@ -9,9 +9,7 @@ from typing import Any
 import lance
 from lance.torch.data import SafeLanceDataset
 
-from .collate import ROW_INDEX_KEY
-
-__all__ = ["open_dataset", "LanceImageDataset", "label_names", "dataset_options", "DatasetNotFound"]
+__all__ = ["open_dataset", "LanceImageDataset", "Rows", "label_names", "dataset_options", "DatasetNotFound"]
 
 
 class DatasetNotFound(FileNotFoundError):
@@ -38,39 +36,39 @@ def _open(uri: str | os.PathLike, options: dict) -> lance.LanceDataset:
         raise DatasetNotFound(f"cannot open {what}Lance dataset at {uri!r}: {reason}") from None
 
 
-class RowRef:
-    """A row's position in a :class:`LanceImageDataset`; ``str()`` names it, looking up its ``source`` (or
-    ``id``) only then, so a decode error names the file without every batch reading that column."""
+class Rows(list):
+    """The rows of one batched read: a plain ``list[dict]`` (``default_collate`` and any other collate take
+    it as one) that also knows where each row came from.
 
-    __slots__ = ("dataset", "index")
+    ``indices[i]`` is the dataset position of ``rows[i]``; ``describe(i)`` names that row and looks up its
+    ``source`` (or ``id``) column only then, so a decode error can name the file although the batch read
+    only the image and label columns. The dicts themselves hold exactly the columns read.
+    """
 
-    def __init__(self, dataset: LanceImageDataset, index: int):
+    def __init__(self, rows: list[dict[str, Any]], dataset: LanceImageDataset, indices: list[int]):
+        super().__init__(rows)
         self.dataset = dataset
-        self.index = index
+        self.indices = list(indices)
 
-    def __str__(self) -> str:
+    def describe(self, position: int) -> str:
+        index = self.indices[position]
         ds = self.dataset._ds or lance.dataset(self.dataset.uri, **self.dataset.dataset_options)
         for key in ("source", "id"):
             if key in ds.schema.names:
                 try:
-                    return (
-                        f"row {self.index} ({key}={ds.take([self.index], columns=[key])[key][0].as_py()!r})"
-                    )
+                    return f"row {index} ({key}={ds.take([index], columns=[key])[key][0].as_py()!r})"
                 except (OSError, ValueError):
                     break
-        return f"row {self.index}"
-
-    __repr__ = __str__
+        return f"row {index}"
 
 
 class LanceImageDataset(SafeLanceDataset):
     """``SafeLanceDataset`` whose batched read takes only ``columns``.
 
-    ``__getitems__(indices)`` does one ``take`` of the listed columns and returns ``list[dict]`` in the order
-    asked for (duplicates included). Each row also carries a :class:`RowRef` under ``"_row"``, so a decode
-    error names the row and its source file without reading that column for every batch. ``columns=None``
-    reads every column, as ``SafeLanceDataset`` does. Opens lazily in each worker and pickles cheaply, like
-    its parent.
+    ``__getitems__(indices)`` does one ``take`` of the listed columns and returns their rows as
+    :class:`Rows` (a ``list[dict]``) in the order asked for, duplicates included; a decode error can still
+    name the row's source file through ``Rows.describe``. ``columns=None`` reads every column, as
+    ``SafeLanceDataset`` does. Opens lazily in each worker and pickles cheaply, like its parent.
     """
 
     def __init__(
@@ -83,13 +81,10 @@ class LanceImageDataset(SafeLanceDataset):
         super().__init__(uri, dataset_options=dataset_options)
         self.columns = list(columns) if columns is not None else None
 
-    def __getitems__(self, indices: list[int]) -> list[dict[str, Any]]:
+    def __getitems__(self, indices: list[int]) -> Rows:
         if self._ds is None:
             self._ds = lance.dataset(self.uri, **self.dataset_options)
-        rows = self._ds.take(indices, columns=self.columns).to_pylist()
-        for index, row in zip(indices, rows, strict=True):
-            row[ROW_INDEX_KEY] = RowRef(self, index)
-        return rows
+        return Rows(self._ds.take(indices, columns=self.columns).to_pylist(), self, indices)
 
 
 def open_dataset(

@@ -8,6 +8,7 @@ import time
 import pytest
 import torch
 from conftest import encode, photo
+from torch.utils.data import default_collate
 
 from lance_cookbook import (
     DatasetNotFound,
@@ -83,7 +84,14 @@ def test_rows_come_back_in_the_order_asked_with_duplicates(id_dataset):
     ds = open_dataset(id_dataset, columns=["id"])
     rows = ds.__getitems__([7, 2, 7, 0])
     assert [row["id"] for row in rows] == [7, 2, 7, 0]
-    assert str(rows[1]["_row"]).startswith("row 2 (source=") and str(rows[1]["_row"]).endswith(".png')")
+    assert rows.indices == [7, 2, 7, 0] and all(set(row) == {"id"} for row in rows)
+    assert rows.describe(1).startswith("row 2 (source=") and rows.describe(1).endswith(".png')")
+    assert rows == [{"id": 7}, {"id": 2}, {"id": 7}, {"id": 0}] and default_collate(rows)["id"].tolist() == [
+        7,
+        2,
+        7,
+        0,
+    ]
 
 
 def test_to_device_does_not_modify_float_input():
