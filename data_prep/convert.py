@@ -9,8 +9,10 @@ SOURCE is one of
   imagefolder:DIR   DIR/<class>/<image>; class index = position in the sorted class folder names
   hf:NAME           a Hugging Face dataset (hub name or a local folder laid out like a hub repository)
 
-Every image is checked (PIL open + verify + a decode at reduced scale) before it is written. Rows are
-streamed into ``lance.write_dataset`` batch by batch, so memory stays flat however large the source is.
+Every image is checked (PIL open + verify + a decode at reduced scale) before it is written: by worker
+processes for large sources (PIL's Python-level parsing holds the GIL, so threads barely scale), by threads
+for small ones. Rows are streamed into Lance batch by batch, so memory stays flat however large the source
+is.
 A new local dataset is written beside its destination and renamed into place only when complete; an
 existing dataset is replaced by one atomic commit, so a failed or interrupted run leaves its previous
 version readable and nothing partial at ``--output``.
@@ -23,20 +25,27 @@ import io
 import itertools
 import json
 import os
+import queue
 import shutil
+import subprocess
 import sys
+import threading
 import time
 import warnings
+from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
+from multiprocessing.connection import Connection
+from pathlib import Path, PurePosixPath
 
 import lance
 import pyarrow as pa
 from lance.fragment import write_fragments
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from tqdm import tqdm
+
+from .check import ConversionError, InvalidImage, check_image, read_image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
 METADATA_KEY = b"lance_cookbook"
@@ -54,19 +63,6 @@ SCHEMA = pa.schema(
 )
 
 
-class ConversionError(Exception):
-    """Bad input for a conversion; the message names the file, row or path at fault."""
-
-
-class InvalidImage(ConversionError):
-    """One image failed its check; ``where`` names the file or row."""
-
-    def __init__(self, where: str, reason: str):
-        super().__init__(f"{where}: {reason}")
-        self.where = where
-        self.reason = reason
-
-
 @dataclass
 class Record:
     """One source image: its encoded bytes (or the path to read them from), label and provenance."""
@@ -78,10 +74,8 @@ class Record:
     problem: str | None = None  # set by a source that already knows the record is unusable
 
     def read(self) -> bytes:
-        if self.data is not None:
-            return self.data
-        with open(self.path, "rb") as f:
-            return f.read()
+        """The encoded bytes; raises :class:`InvalidImage` naming ``source`` if the file cannot be read."""
+        return self.data if self.data is not None else read_image(self.path, self.source)
 
 
 @dataclass
@@ -120,46 +114,6 @@ class Summary:
         if self.skipped:
             line += f"\nskipped {len(self.skipped)} invalid image(s):\n  " + "\n  ".join(self.skipped)
         return line
-
-
-# ----------------------------------------------------------------------------------------------- checks
-def check_image(data: bytes, where: str) -> tuple[int, int]:
-    """Return ``(width, height)`` of an encoded image, or raise :class:`InvalidImage` naming ``where``.
-
-    Opens the image with PIL, runs ``verify()`` (checksums, structure) and then really decodes it,
-    at 1/8 scale for JPEG (libjpeg's DCT scaling keeps this cheap), which is what catches truncated files.
-    Images with more pixels than ``PIL.Image.MAX_IMAGE_PIXELS`` are refused as decompression bombs.
-    """
-    if not data:
-        raise InvalidImage(where, "empty file (0 bytes)")
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            width, height = im.size
-            limit = Image.MAX_IMAGE_PIXELS
-            if limit and width * height > limit:
-                raise InvalidImage(
-                    where,
-                    f"decompression bomb: {width}x{height} = {width * height:,} pixels is more than "
-                    f"PIL.Image.MAX_IMAGE_PIXELS ({limit:,})",
-                )
-            if im.format == "JPEG":
-                # PIL's verify() checks nothing for JPEG: decode on this handle instead of parsing the
-                # headers a second time (half the cost of a check of a small JPEG)
-                im.draft(im.mode, (max(1, width // 8), max(1, height // 8)))
-                im.load()
-                return width, height
-            im.verify()
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-    except InvalidImage:
-        raise
-    except Image.DecompressionBombError as e:
-        raise InvalidImage(where, f"decompression bomb: {e}") from None
-    except UnidentifiedImageError:
-        raise InvalidImage(where, f"not a readable image ({len(data):,} bytes PIL cannot identify)") from None
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError) as e:
-        raise InvalidImage(where, f"corrupt image: {e}") from None
-    return width, height
 
 
 # ---------------------------------------------------------------------------------------------- sources
@@ -210,26 +164,34 @@ def imagefolder_source(root: str | os.PathLike) -> Source:
     classes = _class_folders(root)
     if not classes:
         raise ConversionError(f"imagefolder: {root} holds no class folders (expected {root}/<class>/<image>)")
-    files: list[tuple[Path, int]] = []
-    for label, name in enumerate(classes):
-        found = []
-        for dirpath, dirnames, filenames in os.walk(root / name, followlinks=True):
+    # Relative paths as plain strings, one list for all classes: Path objects cost ~5x the memory and time.
+    rels: list[str] = []
+    ends: list[int] = []  # ends[label]: one past the class's last entry in rels
+    for name in classes:
+        top = str(root / name)
+        before = len(rels)
+        for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            found += [Path(dirpath) / f for f in sorted(filenames) if not f.startswith(".")]
-        if not found:
+            folder = name + dirpath[len(top) :].replace(os.sep, "/")
+            rels += [f"{folder}/{f}" for f in sorted(filenames) if not f.startswith(".")]
+        if len(rels) == before:
             raise ConversionError(f"imagefolder: class folder {root / name} holds no files")
-        files += [(p, label) for p in found]
+        ends.append(len(rels))
+    base = str(root)
 
     def records() -> Iterator[Record]:
-        for path, label in files:
-            rel = path.relative_to(root).as_posix()
-            problem = None
-            if path.suffix.lower() not in IMAGE_EXTENSIONS:
-                expected = ", ".join(IMAGE_EXTENSIONS)
-                problem = f"unsupported extension {path.suffix or '(none)'!r} (expected one of {expected})"
-            yield Record(source=rel, label=label, path=str(path), problem=problem)
+        start = 0
+        for label, end in enumerate(ends):
+            for rel in itertools.islice(rels, start, end):
+                problem = None
+                if not rel.lower().endswith(IMAGE_EXTENSIONS):
+                    suffix = PurePosixPath(rel).suffix
+                    expected = ", ".join(IMAGE_EXTENSIONS)
+                    problem = f"unsupported extension {suffix or '(none)'!r} (expected one of {expected})"
+                yield Record(source=rel, label=label, path=os.path.join(base, rel), problem=problem)
+            start = end
 
-    return Source(records(), classes, f"image folder {root}", total=len(files))
+    return Source(records(), classes, f"image folder {root}", total=len(rels))
 
 
 SPLIT_ALIASES = {"val": "validation", "valid": "validation", "dev": "validation", "validation": "val"}
@@ -315,72 +277,207 @@ def open_source(
 
 
 # ------------------------------------------------------------------------------------------- conversion
-CHECK_CHUNK = 64  # records per thread task: one task per record costs more than checking a small image
+CHECK_CHUNK = 64  # records per task: one task per record costs more than checking a small image
+# Below this many records threads are as fast: starting and stopping worker processes costs ~0.1 s
+PROCESS_MIN_RECORDS = 2_000
+IN_FLIGHT_PER_WORKER = 4  # chunks queued per worker process: it never waits while the writer writes
+STOP_TIMEOUT_S = 60  # how long a failed conversion waits for lance's reader thread to leave our code
+
+Checked = tuple[Record, bytes | None, tuple[int, int] | InvalidImage]
 
 
-def _checked(record: Record) -> tuple[Record, bytes | None, tuple[int, int] | InvalidImage]:
+def _checked(record: Record) -> Checked:
     try:
         if record.problem:
             raise InvalidImage(record.source, record.problem)
-        try:
-            data = record.read()
-        except OSError as e:
-            raise InvalidImage(record.source, f"cannot read file: {e.strerror or e}") from None
+        data = record.read()
         return record, data, check_image(data, record.source)
     except InvalidImage as e:
         return record, None, e
 
 
-def _checked_chunk(records: list[Record]) -> list[tuple[Record, bytes | None, tuple[int, int] | Exception]]:
+def _checked_chunk(records: list[Record]) -> list[Checked]:
     return [_checked(record) for record in records]
 
 
+def _record_batches(records: Iterable[Record], batch_rows: int) -> Iterator[list[Record]]:
+    it = iter(records)
+    while chunk := list(itertools.islice(it, batch_rows)):
+        yield chunk
+
+
+def _checked_by_threads(batches: Iterable[list[Record]], workers: int) -> Iterator[Iterator[Checked]]:
+    """Check each batch with threads (PIL releases the GIL only to decode); yield its results in order."""
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for chunk in batches:
+            parts = [chunk[i : i + CHECK_CHUNK] for i in range(0, len(chunk), CHECK_CHUNK)]
+            yield itertools.chain.from_iterable(pool.map(_checked_chunk, parts))
+
+
+class CheckPool:
+    """Worker processes that read and check records, for sources too large for threads to check quickly.
+
+    Each worker is a fresh interpreter (never a fork: Lance is not fork-safe) running
+    :func:`data_prep.check.serve`, which imports only PIL. Unlike multiprocessing's spawn it does not
+    re-import the caller's ``__main__`` (Lance under the CLI, anything at all in a user's script). Workers
+    are in their own process group, so a Ctrl-C reaches only this process, which stops them with
+    :meth:`close`; they also exit when this process dies (their stdin closes). One thread per worker sends
+    it a chunk and waits for the result; at most ``IN_FLIGHT_PER_WORKER`` chunks of ``CHECK_CHUNK`` records
+    per worker are in flight, so memory stays bounded however large the source is.
+    """
+
+    def __init__(self, workers: int):
+        self.in_flight = IN_FLIGHT_PER_WORKER * workers
+        root = str(Path(__file__).resolve().parent.parent)  # where data_prep is importable from
+        code = (
+            "import sys; sys.path.insert(0, sys.argv[1]); from data_prep.check import serve; "
+            "import json; serve(json.loads(sys.argv[2]))"
+        )
+        cmd = [sys.executable, "-c", code, root, json.dumps(Image.MAX_IMAGE_PIXELS)]
+        self._idle: queue.SimpleQueue = queue.SimpleQueue()
+        self._workers: list[tuple[subprocess.Popen, Connection, Connection]] = []
+        self._threads = ThreadPoolExecutor(workers, thread_name_prefix="check")
+        try:
+            for _ in range(workers):
+                requests_r, requests_w = os.pipe()
+                results_r, results_w = os.pipe()
+                try:
+                    proc = subprocess.Popen(cmd, stdin=requests_r, stdout=results_w, process_group=0)
+                finally:
+                    os.close(requests_r)
+                    os.close(results_w)
+                worker = (proc, Connection(requests_w, readable=False), Connection(results_r, writable=False))
+                self._workers.append(worker)
+                self._idle.put(worker)
+        except BaseException:
+            self.close()
+            raise
+
+    def _check(self, items: list[str | bytes]) -> list:
+        worker = self._idle.get()
+        try:
+            worker[1].send(items)
+            return worker[2].recv()
+        except (EOFError, OSError) as e:
+            raise ConversionError(f"a checking worker process stopped ({type(e).__name__}: {e})") from None
+        finally:
+            self._idle.put(worker)  # even a dead one: the next chunk then fails at once instead of waiting
+
+    def checked(self, batches: Iterable[list[Record]]) -> Iterator[Iterator[Checked]]:
+        """Yield per batch an iterator over its ``(record, data, (width, height) | InvalidImage)``, in order.
+
+        Later batches are read and checked while the caller consumes the current one. A worker process that
+        dies raises :class:`ConversionError` naming the records it was checking.
+        """
+        parts = (
+            (chunk[i : i + CHECK_CHUNK], i + CHECK_CHUNK >= len(chunk))
+            for chunk in batches
+            for i in range(0, len(chunk), CHECK_CHUNK)
+        )
+        pending: deque = deque()  # (records, last of its batch, future), in source order
+
+        def top_up() -> None:
+            while len(pending) < self.in_flight:
+                part, last = next(parts, (None, None))
+                if part is None:
+                    return
+                items = [r.path if r.data is None else r.data for r in part if not r.problem]
+                pending.append((part, last, self._threads.submit(self._check, items)))
+
+        def batch() -> Iterator[Checked]:
+            last = False
+            while not last:
+                top_up()
+                part, last, future = pending.popleft()
+                try:
+                    results = iter(future.result())
+                except ConversionError as e:
+                    where = f"{part[0].source} to {part[-1].source}"
+                    raise ConversionError(f"{e} while checking {where}") from None
+                for record in part:
+                    if record.problem:
+                        yield record, None, InvalidImage(record.source, record.problem)
+                        continue
+                    result = next(results)
+                    if isinstance(result, str):
+                        yield record, None, InvalidImage(record.source, result)
+                    else:
+                        data, width, height = result
+                        yield record, record.data if data is None else data, (width, height)
+
+        try:
+            while True:
+                top_up()
+                if not pending:
+                    return
+                yield batch()
+        finally:
+            for *_, future in pending:
+                future.cancel()
+
+    def close(self) -> None:
+        """Stop the workers, whatever they are doing, and return once every one has exited. Idempotent.
+
+        Checks still queued are cancelled and one running fails: by now nobody wants their results.
+        """
+        self._threads.shutdown(wait=False, cancel_futures=True)
+        for proc, _, _ in self._workers:
+            proc.terminate()
+        self._threads.shutdown(wait=True)  # a thread waiting on a worker now gets EOFError
+        for proc, requests, results in self._workers:
+            proc.wait()
+            requests.close()
+            results.close()
+        self._workers = []
+
+
 def _batches(
-    records: Iterable[Record],
-    batch_rows: int,
+    checked: Iterable[Iterable[Checked]],
     max_rows: int | None,
     skip_invalid: bool,
     skipped: list[str],
     stats: dict,
     progress: tqdm,
-    workers: int,
     description: str,
 ) -> Iterator[pa.RecordBatch]:
-    """Check records in parallel (PIL releases the GIL while decoding) and yield bounded record batches."""
-    it = iter(records)
+    """One record batch per batch of checked records: valid rows numbered in order, up to ``max_rows``.
+
+    An invalid record raises :class:`InvalidImage`, or with ``skip_invalid`` is listed in ``skipped``;
+    raises :class:`ConversionError` when no record is valid.
+    """
     rows = 0
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        while max_rows is None or rows < max_rows:
-            chunk = []
-            for record in it:
-                chunk.append(record)
-                if len(chunk) == batch_rows:
-                    break
-            if not chunk:
+    for results in checked:
+        cols: dict[str, list] = {f.name: [] for f in SCHEMA}
+        for record, data, result in results:
+            progress.update(1)
+            if isinstance(result, InvalidImage):
+                record_invalid(result, skip_invalid, skipped, progress)
+                continue
+            if max_rows is not None and rows >= max_rows:
                 break
-            cols: dict[str, list] = {f.name: [] for f in SCHEMA}
-            parts = [chunk[i : i + CHECK_CHUNK] for i in range(0, len(chunk), CHECK_CHUNK)]
-            for record, data, result in itertools.chain.from_iterable(pool.map(_checked_chunk, parts)):
-                progress.update(1)
-                if isinstance(result, InvalidImage):
-                    record_invalid(result, skip_invalid, skipped, progress)
-                    continue
-                if max_rows is not None and rows >= max_rows:
-                    break
-                cols["image"].append(data)
-                cols["label"].append(record.label)
-                cols["id"].append(rows)
-                cols["source"].append(record.source)
-                cols["width"].append(result[0])
-                cols["height"].append(result[1])
-                stats["image_bytes"] += len(data)
-                stats["labels"].add(record.label)
-                rows += 1
-            if cols["id"]:
-                yield pa.RecordBatch.from_pydict(cols, schema=SCHEMA)
+            cols["image"].append(data)
+            cols["label"].append(record.label)
+            cols["id"].append(rows)
+            cols["source"].append(record.source)
+            cols["width"].append(result[0])
+            cols["height"].append(result[1])
+            stats["image_bytes"] += len(data)
+            stats["labels"].add(record.label)
+            rows += 1
+        if cols["id"]:
+            yield pa.RecordBatch.from_pydict(cols, schema=SCHEMA)
+        if max_rows is not None and rows >= max_rows:
+            break
     if rows == 0:
         more = f" ({len(skipped)} invalid skipped)" if skipped else ""
         raise ConversionError(f"{description}: no valid images to write{more}")
+
+
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def _is_remote(uri: str) -> bool:
@@ -426,8 +523,12 @@ def convert(
     """Convert ``source`` (a spec string or a :class:`Source`) into a Lance dataset at ``output``.
 
     Raises :class:`ConversionError` (or :class:`InvalidImage`) with a message naming the file, row or path
-    at fault. On any failure, interruption included, nothing is left at a new ``output`` and an existing
-    dataset keeps its previous version as the latest.
+    at fault. On any failure, interruption included, nothing is left at a new ``output``, an existing
+    dataset keeps its previous version as the latest, and no worker process or thread of ours is running.
+
+    ``workers``: how many checks run at once (default: the usable CPUs). With the local engine, a source of
+    ``PROCESS_MIN_RECORDS`` or more (known from its ``total``, capped by ``max_rows``) is checked by that
+    many worker processes (:class:`CheckPool`), a smaller one by threads (at most 4 by default).
     """
     uri = str(output)
     remote = _is_remote(uri)
@@ -435,6 +536,10 @@ def convert(
         raise ConversionError(f"--max-rows must be at least 1, got {max_rows}")
     if rows_per_file < 1:
         raise ConversionError(f"--rows-per-file must be at least 1, got {rows_per_file}")
+    if batch_rows < 1:
+        raise ConversionError(f"--batch-rows must be at least 1, got {batch_rows}")
+    if workers is not None and workers < 1:
+        raise ConversionError(f"--workers must be at least 1, got {workers}")
     exists = _dataset_exists(uri, storage_options)
     if not remote:
         path = Path(uri)
@@ -451,13 +556,25 @@ def convert(
     skipped: list[str] = []
     stats = {"image_bytes": 0, "labels": set()}
     failure: list[BaseException] = []
+    # The generator runs on lance's reader thread. Once this thread fails (an interrupt arrives here, not
+    # there) it must stop and be out of our code before we return: Python code still running on a foreign
+    # thread at interpreter exit aborts the process.
+    stop = threading.Event()
+    running = threading.Lock()  # held while the reader thread is inside the generator
 
-    # The generator runs inside lance's writer; keep its exception so the caller sees ours, not Arrow's.
     def guarded(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         try:
-            yield from batches
+            while True:
+                with running:
+                    if stop.is_set():
+                        raise ConversionError("conversion stopped")
+                    batch = next(batches, None)
+                if batch is None:
+                    return
+                yield batch
         except BaseException as e:
-            failure.append(e)
+            if not stop.is_set():  # keep its exception so the caller sees ours, not Arrow's
+                failure.append(e)
             raise
 
     # New local datasets are built beside the destination and renamed into place when complete.
@@ -470,6 +587,7 @@ def convert(
         shutil.rmtree(staging, ignore_errors=True)
         target = str(staging)
 
+    pool: CheckPool | None = None
     start = time.perf_counter()
     bar = tqdm(total=src.total, unit="img", desc=f"converting {src.description}", disable=not progress)
     try:
@@ -493,17 +611,15 @@ def convert(
                 description=src.description,
             )
         elif engine == "local":
-            batches = _batches(
-                src.records,
-                batch_rows,
-                max_rows,
-                skip_invalid,
-                skipped,
-                stats,
-                bar,
-                workers or min(4, os.cpu_count() or 1),
-                src.description,
-            )
+            records = _record_batches(src.records, batch_rows)
+            expected = src.total if max_rows is None or src.total is None else min(src.total, max_rows)
+            processes = workers or _usable_cpus()
+            if processes > 1 and expected is not None and expected >= PROCESS_MIN_RECORDS:
+                pool = CheckPool(processes)
+                checked = pool.checked(records)
+            else:
+                checked = _checked_by_threads(records, workers or min(4, _usable_cpus()))
+            batches = _batches(checked, max_rows, skip_invalid, skipped, stats, bar, src.description)
             reader = pa.RecordBatchReader.from_batches(SCHEMA, guarded(batches))
             fragments = write_fragments(
                 reader,
@@ -513,6 +629,9 @@ def convert(
                 max_rows_per_file=rows_per_file,
                 storage_options=storage_options,
             )
+            if pool is not None:
+                pool.close()
+                pool = None
         else:
             raise ConversionError(f"unknown engine {engine!r} (choose local or ray)")
         info = {"source": src.description, "skipped": skipped}
@@ -531,12 +650,19 @@ def convert(
             staging = None
             ds = lance.dataset(uri)
     except BaseException as e:
+        stop.set()
+        if pool is not None:
+            pool.close()  # a reader thread waiting for a check gets an error and leaves
+        if running.acquire(timeout=STOP_TIMEOUT_S):  # the reader thread is out of the generator
+            running.release()
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
         if failure and failure[0] is not e:
             raise failure[0] from None
         raise
     finally:
+        if pool is not None:
+            pool.close()
         bar.close()
     seconds = time.perf_counter() - start
     return Summary(
@@ -604,8 +730,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--engine",
         choices=("local", "ray"),
         default="local",
-        help="local: one process, checking with threads; ray: check and write in parallel on a Ray cluster "
-        "(RAY_ADDRESS, else a local one), then one commit here",
+        help="local: this machine, checking with worker processes (threads for small sources); ray: check "
+        "and write in parallel on a Ray cluster (RAY_ADDRESS, else a local one), then one commit here",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="images checked at once (default: the usable CPUs; worker processes for 2,000 images or more)",
+    )
+    p.add_argument(
+        "--batch-rows", type=int, default=512, metavar="N", help="rows per record batch streamed to Lance"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -628,6 +763,8 @@ def main(argv: list[str] | None = None) -> int:
                 image_column=args.image_column,
                 label_column=args.label_column,
                 storage_options=dict(args.storage_option) or None,
+                batch_rows=args.batch_rows,
+                workers=args.workers,
                 progress=not args.no_progress,
                 engine=args.engine,
             )

@@ -220,3 +220,112 @@ def test_no_remote_code_or_pickles_anywhere():
         text = path.read_text()
         for needle in needles:
             assert needle not in text, f"{needle} in {path}"
+
+
+# ------------------------------------------------------------------ checking in worker processes (CheckPool)
+def _children() -> set[int]:
+    """PIDs of this process's live children (Linux /proc); a zombie is not counted."""
+    pids = set()
+    for task in Path("/proc/self/task").iterdir():
+        for pid in (task / "children").read_text().split():
+            stat = Path(f"/proc/{pid}/stat")
+            if stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                pids.add(int(pid))
+    return pids
+
+
+@pytest.fixture
+def processes(monkeypatch):
+    """Check with two worker processes whatever the source's size (the default is threads below 2,000)."""
+    monkeypatch.setattr(convert_module, "PROCESS_MIN_RECORDS", 0)
+    started = []
+    real = convert_module.CheckPool.__init__
+
+    def spy(self, workers):
+        real(self, workers)
+        started.append(self)
+
+    monkeypatch.setattr(convert_module.CheckPool, "__init__", spy)
+    return started
+
+
+def test_process_check_writes_the_same_table_as_threads(tmp_path, processes):
+    folder = make_imagefolder(tmp_path / "src", per_class=70, size=(20, 16))
+    (folder / "cat" / "gray.png").write_bytes(encode(photo(3, (30, 20)).convert("L"), "PNG"))
+    by_threads = convert_module.convert(
+        f"imagefolder:{folder}", tmp_path / "t.lance", workers=1, batch_rows=100, progress=False
+    )
+    assert not processes
+    by_processes = convert_module.convert(
+        f"imagefolder:{folder}", tmp_path / "p.lance", workers=2, batch_rows=100, progress=False
+    )
+    assert len(processes) == 1 and by_processes.rows == by_threads.rows == 211
+    t, p = (lance.dataset(str(tmp_path / n)).to_table() for n in ("t.lance", "p.lance"))
+    assert p.equals(t)
+    assert _children() == set()
+
+
+@pytest.mark.parametrize("name", ["truncated.jpg", "bomb.png", "notes.txt", "empty.jpg"])
+def test_process_check_names_the_bad_file_and_stops_its_workers(tmp_path, capsys, processes, name):
+    folder = make_imagefolder(tmp_path / "src", per_class=40, size=(20, 16))
+    (folder / "dog" / f"020-{name}").write_bytes(BAD_FILES[name]())
+    out = tmp_path / "out.lance"
+    code, _, err = run_cli(capsys, "--source", f"imagefolder:{folder}", "--output", out, "--workers", "2")
+    assert len(processes) == 1
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    assert f"dog/020-{name}" in lines[0] and REASONS[name] in lines[0], lines[0]
+    assert not out.exists() and leftovers(tmp_path) == []
+    assert _children() == set()
+
+
+def test_process_check_skip_invalid_keeps_source_order(tmp_path, capsys, processes):
+    folder = make_imagefolder(tmp_path / "src", classes=("a", "b"), per_class=100, size=(16, 16))
+    (folder / "a" / "050-bad.jpg").write_bytes(b"junk")
+    out = tmp_path / "out.lance"
+    code, stdout, _ = run_cli(
+        capsys, "--source", f"imagefolder:{folder}", "--output", out, "--workers", "2", "--skip-invalid"
+    )
+    assert code == 0 and "a/050-bad.jpg" in stdout
+    got = lance.dataset(str(out)).to_table(columns=["source", "id"]).to_pylist()
+    expected = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.jpg") if "bad" not in p.name)
+    assert [r["source"] for r in got] == expected and [r["id"] for r in got] == list(range(200))
+
+
+def test_interrupted_process_check_leaves_nothing_running(tmp_path, capsys, monkeypatch, processes):
+    """Ctrl-C while worker processes are checking: exit 130, no dataset, no worker left behind."""
+    folder = make_imagefolder(tmp_path / "src", classes=("a", "b"), per_class=150, size=(16, 16))
+    real = convert_module.record_invalid
+    real_batches = convert_module._batches
+
+    def interrupt_after_first_batch(checked, *args, **kwargs):
+        for i, batch in enumerate(real_batches(checked, *args, **kwargs)):
+            if i == 1:
+                raise KeyboardInterrupt
+            yield batch
+
+    monkeypatch.setattr(convert_module, "_batches", interrupt_after_first_batch)
+    out = tmp_path / "out.lance"
+    args = ["--source", f"imagefolder:{folder}", "--output", out, "--workers", "2", "--batch-rows", "64"]
+    code, _, err = run_cli(capsys, *args)
+    assert code == 130 and "interrupted" in err and len(processes) == 1
+    assert not out.exists() and leftovers(tmp_path) == []
+    assert _children() == set()
+    assert convert_module.record_invalid is real
+
+
+def test_dead_check_worker_is_reported_naming_the_records(tmp_path):
+    folder = make_imagefolder(tmp_path / "src", classes=("a",), per_class=10, size=(16, 16))
+    records = list(convert_module.open_source(f"imagefolder:{folder}").records)
+    pool = convert_module.CheckPool(1)
+    try:
+        pool._workers[0][0].kill()
+        pool._workers[0][0].wait()
+        with pytest.raises(
+            convert_module.ConversionError, match="checking worker process stopped.*a/000.jpg"
+        ):
+            for batch in pool.checked([records]):
+                list(batch)
+    finally:
+        pool.close()
+    assert _children() == set()
