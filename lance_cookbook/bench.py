@@ -26,6 +26,9 @@ Loaders (keys for ``--loaders``):
   lance_arrow        (i) (g) with the Arrow table handed to the collate: JPEG bytes decoded in place, no
                          Python bytes or dicts
 
+``--breakdown`` also times each step of a worker of (g) on its own (CPU us per image), and every loader
+reports the CPU time per image its main process and its workers spent in the best timed epoch.
+
 Also reported: conversion images/s and peak RSS (in a fresh process), bytes on disk per format, peak RSS
 of the main process (per loader) and of the workers. Output: a table on stdout, ``--json``, ``--plot``.
 """
@@ -210,6 +213,15 @@ def _reset_peak() -> None:
         pass
 
 
+def _cpu_seconds(pid: int | str = "self") -> float | None:
+    """User + system CPU seconds of a process (all its threads) from /proc; None where there is none."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _count(batch: Any) -> int:
     labels = batch["label"] if isinstance(batch, dict) else batch[1]
     return len(labels)
@@ -225,6 +237,9 @@ class Result:
     warmup_s: float | None = None
     main_peak_rss_mb: float | None = None
     worker_peak_rss_mb: list[float] = field(default_factory=list)
+    # CPU time per image during the best timed epoch, from /proc (Linux; None elsewhere): where the cores go
+    main_cpu_us: float | None = None
+    worker_cpu_us: float | None = None
     note: str = ""
 
 
@@ -252,9 +267,20 @@ class Candidate:
         self.result.warmup_s = time.perf_counter() - self._t0
 
     def epoch(self) -> tuple[int, float]:
+        pids: list[int | str] = ["self", *self.worker_pids()]
+        cpu_before = [_cpu_seconds(pid) for pid in pids]
         start = time.perf_counter()
         n = sum(_count(batch) for batch in self.loader)
-        return n, time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        cpu = [
+            None if a is None or b is None else (b - a) * 1e6 / max(n, 1)
+            for a, b in zip(cpu_before, (_cpu_seconds(pid) for pid in pids), strict=True)
+        ]
+        if n / seconds > max(self.result.rounds, default=0.0):  # keep the best round's split
+            self.result.main_cpu_us = cpu[0]
+            worker = [c for c in cpu[1:] if c is not None]
+            self.result.worker_cpu_us = sum(worker) if worker else None
+        return n, seconds
 
     def worker_pids(self) -> list[int]:
         it = getattr(self.loader, "_iterator", None)
@@ -319,6 +345,108 @@ class DecodeBound(Candidate):
 
     def close(self) -> None:
         self.blobs = []
+
+
+# ---------------------------------------------------------------------------------------- breakdown
+def breakdown(
+    uri: str, files: list[str], order: list[int], size: int, batch_size: int, images: int
+) -> list[dict[str, Any]]:
+    """CPU microseconds per image of each step a worker of (g) takes, and of the alternatives, in this
+    process with one torch thread, best of 3 passes over the first ``images`` of ``order`` in batches.
+
+    Lance's own threads count (``time.process_time``), so a ``take`` is charged all the CPU it uses.
+    """
+    from multiprocessing.reduction import ForkingPickler
+
+    order = order[:images]
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    run = 16  # rows per contiguous run: what a block-shuffled order would read
+    starts = order[: max(1, len(order) // run)]
+    n_rows = lance.dataset(uri).count_rows()
+    runs = [min(s, max(0, n_rows - run)) for s in starts]
+    run_batches = [
+        sorted(r + j for r in runs[i : i + batch_size // run] for j in range(run))
+        for i in range(0, len(runs), max(1, batch_size // run))
+    ]
+    ds = lance.dataset(uri)
+    dataset = LanceImageDataset(uri)
+    collate = ImageCollate(size, decoder="torchvision", dtype=torch.uint8)
+    rows = [dataset.__getitems__(b) for b in batches]
+    blobs = [[row["image"] for row in batch] for batch in rows]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # read-only buffers: only read
+        views = [[torch.frombuffer(b, dtype=torch.uint8) for b in batch] for batch in blobs]
+    decoded = [decode_jpeg(v, mode=ImageReadMode.RGB) for v in views]
+    resized = [[collate._geometry(img) for img in batch] for batch in decoded]
+    stacked = [Batch(stack_channels_last(batch, shared=False), torch.zeros(len(batch))) for batch in resized]
+
+    def read_files() -> None:
+        for batch in batches:
+            for i in batch:
+                with open(files[i], "rb") as f:
+                    f.read()
+
+    def pickle_batches() -> None:
+        for batch in stacked:
+            ForkingPickler(io.BytesIO(), 2).dump(batch)
+
+    steps: list[tuple[str, Any, int]] = [
+        (
+            "Lance take, random rows, image + label",
+            lambda: [ds.take(b, columns=["image", "label"]) for b in batches],
+            len(order),
+        ),
+        (
+            f"Lance take, runs of {run} contiguous rows",
+            lambda: [ds.take(b, columns=["image", "label"]) for b in run_batches],
+            sum(map(len, run_batches)),
+        ),
+        (
+            "rows as Python dicts (to_pylist)",
+            lambda: [ds.take(b, columns=["image", "label"]).to_pylist() for b in batches],
+            len(order),
+        ),
+        ("read the same files (ImageFolder)", read_files, len(order)),
+        (
+            "decode_jpeg, one call per batch",
+            lambda: [decode_jpeg(v, mode=ImageReadMode.RGB) for v in views],
+            len(order),
+        ),
+        (
+            "resize (torchvision kernels)",
+            lambda: [[collate._geometry(i) for i in b] for b in decoded],
+            len(order),
+        ),
+        (
+            "stack channels_last, private memory",
+            lambda: [stack_channels_last(b, shared=False) for b in resized],
+            len(order),
+        ),
+        (
+            "stack channels_last, new shared memory",
+            lambda: [stack_channels_last(b, shared=True) for b in resized],
+            len(order),
+        ),
+        ("torch.stack into NCHW (for comparison)", lambda: [torch.stack(b) for b in resized], len(order)),
+        ("pickle the batch (worker -> main)", pickle_batches, len(order)),
+    ]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    out = []
+    try:
+        for name, fn, count in steps:
+            fn()  # warm-up
+            best = min(_cpu_pass(fn) for _ in range(3))
+            out.append({"step": name, "cpu_us_per_image": best * 1e6 / max(count, 1)})
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def _cpu_pass(fn: Any) -> float:
+    start = time.process_time()
+    fn()
+    return time.process_time() - start
 
 
 # --------------------------------------------------------------------------------------- conversion
@@ -523,6 +651,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 with open(files[i][0], "rb") as f:
                     blobs.append(f.read())
 
+        if args.breakdown:
+            _log("timing each step of a worker (--breakdown)")
+            files = [path for path, _ in ImageFolder(folder).samples]
+            report["breakdown"] = breakdown(
+                uri, files, order, args.image_size, args.batch_size, min(n, 512 if args.quick else 4096)
+            )
+
         main_rss = _proc_status().get("VmRSS")
         candidates = [
             _build(
@@ -626,7 +761,7 @@ def format_table(report: dict[str, Any]) -> str:
     base = loaders.get("imagefolder_pil", {}).get("images_per_s")
     bound = loaders.get("bound_tv", {}).get("images_per_s")
     head = f"{'loader':48s} {'images/s':>9s} {'x (b)':>6s} {'x tv bnd':>8s} {'start s':>7s} "
-    head += f"{'main MB':>7s} {'wrk MB':>6s}"
+    head += f"{'main MB':>7s} {'wrk MB':>6s} {'CPU us/img main':>15s} {'wrk':>5s}"
     lines += [head, "-" * len(head)]
     for res in loaders.values():
         rate = res["images_per_s"]
@@ -635,8 +770,13 @@ def format_table(report: dict[str, Any]) -> str:
             f"{res['label']:48s} {rate:9,.0f} "
             f"{rate / base if base else float('nan'):6.2f} {rate / bound if bound else float('nan'):8.2f} "
             f"{res['startup_s'] if res['key'] not in BOUNDS else float('nan'):7.2f} "
-            f"{res['main_peak_rss_mb'] or float('nan'):7.0f} {max(workers) if workers else float('nan'):6.0f}"
+            f"{res['main_peak_rss_mb'] or float('nan'):7.0f} "
+            f"{max(workers) if workers else float('nan'):6.0f} "
+            f"{_num(res.get('main_cpu_us')):>15s} {_num(res.get('worker_cpu_us')):>5s}"
         )
+    if report.get("breakdown"):
+        lines += ["", "where a worker's time goes (--breakdown; CPU us per image, one torch thread):"]
+        lines += [f"  {step['step']:44s} {step['cpu_us_per_image']:8.1f}" for step in report["breakdown"]]
     conv = report.get("conversion")
     lines.append("")
     if conv:
@@ -666,6 +806,10 @@ def format_table(report: dict[str, Any]) -> str:
         shown = "n/a" if value is None else (f"{value:,.0f}" if value > 100 else f"{value:.2f}x")
         lines.append(f"target {t['ratio']} >= {t['target']:g}: {shown} {'met' if t['met'] else 'NOT met'}")
     return "\n".join(lines)
+
+
+def _num(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:,.0f}"
 
 
 def plot(report: dict[str, Any], path: str) -> None:
@@ -770,6 +914,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--work-dir",
         metavar="DIR",
         help="keep the converted dataset and the HF cache here (default: a temporary folder, removed)",
+    )
+    p.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="also time each step of a worker of (g) in this process (CPU us per image: Lance take, file "
+        "reads, decode, resize, stacking, shared memory, pickling): where the time goes",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p

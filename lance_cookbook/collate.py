@@ -7,9 +7,9 @@ What makes the ``decoder="torchvision"`` path fast (measured in ``docs/benchmark
 
 - one ``decode_jpeg`` call per batch, reading the bytes in place (no copy);
 - resize and crop through torchvision's tensor kernels, skipping the per-call overhead of ``v2.Compose``
-  (about 8 us per image: a third of the decode time of a 32 px JPEG);
-- decoded images are stored HWC, so the batch is stacked NHWC (``channels_last``): a plain copy, where
-  stacking into NCHW is a transpose that costs half as much as the decode at 224 px;
+  (about 5 us per image: a third of the 16 us decode of a 32 px JPEG);
+- decoded images are stored HWC, so the batch is stacked NHWC (``channels_last``): a plain copy (9 us per
+  224 px image), where stacking into NCHW is a transpose (44 us; the decode is 530 us);
 - a large batch is written straight into shared memory inside a worker, so handing it over copies nothing;
   a small one (and every label tensor) travels through the worker's pipe by value, because passing a
   shared-memory file descriptor costs a socket round trip per tensor (see :class:`Batch`).
@@ -35,8 +35,8 @@ JPEG_MAGIC = b"\xff\xd8\xff"
 
 # Tensors up to this size cross from a worker to the main process by value, through the pipe; larger ones
 # through shared memory. Measured with 2 spawn workers handing over empty uint8 batches of 64: by value
-# 181k images/s at 32 px (196 KB a batch) and 75k at 64 px (786 KB) against 49k and 27k through shared
-# memory; at 96 px (1.8 MB) shared memory wins, 30k against 17k.
+# 189k images/s at 32 px (192 KiB a batch) and 47k at 64 px (768 KiB) against 68k and 41k through shared
+# memory; at 96 px (1.7 MiB) by value lost, 17k against 30k (docs/benchmark.md).
 BY_VALUE_MAX_BYTES = 1 << 20
 
 
@@ -83,25 +83,29 @@ def _in_worker() -> bool:
     return torch.utils.data.get_worker_info() is not None
 
 
-def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised tensor; inside a worker, a large one lives in shared memory from the start, as
-    ``default_collate`` does, so sending it to the main process copies nothing."""
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, shared: bool | None = None) -> torch.Tensor:
+    """An uninitialised tensor; inside a worker (``shared=None``) or with ``shared=True``, a large one lives
+    in shared memory from the start, as ``default_collate`` does, so sending it to the main process copies
+    nothing."""
     nbytes = int(np.prod(shape)) * torch.empty(0, dtype=dtype).element_size()
-    if nbytes > BY_VALUE_MAX_BYTES and _in_worker():
+    if nbytes > BY_VALUE_MAX_BYTES and (_in_worker() if shared is None else shared):
         storage = torch.UntypedStorage._new_shared(nbytes)
         return torch.empty(0, dtype=dtype).set_(storage).view(shape)
     return torch.empty(shape, dtype=dtype)
 
 
-def stack_channels_last(images: list[torch.Tensor], dtype: torch.dtype | None = None) -> torch.Tensor:
+def stack_channels_last(
+    images: list[torch.Tensor], dtype: torch.dtype | None = None, *, shared: bool | None = None
+) -> torch.Tensor:
     """Stack ``[3, H, W]`` images into a ``[B, 3, H, W]`` batch stored NHWC (``channels_last``).
 
     ``decode_jpeg`` and the uint8 resize return images stored HWC, so this is a plain copy where
-    ``torch.stack`` into NCHW is a transpose (4x slower at 224 px). ``dtype=torch.float32`` converts uint8
-    to float in [0, 1] in the same pass.
+    ``torch.stack`` into NCHW is a transpose (5x slower at 224 px). ``dtype=torch.float32`` converts uint8
+    to float in [0, 1] in the same pass. A batch over ``BY_VALUE_MAX_BYTES`` is written into shared memory
+    when ``shared`` is True, or by default when called inside a DataLoader worker.
     """
     c, h, w = images[0].shape
-    out = _empty((len(images), h, w, c), dtype or images[0].dtype)
+    out = _empty((len(images), h, w, c), dtype or images[0].dtype, shared)
     hwc = [img.permute(1, 2, 0) for img in images]
     if out.dtype == images[0].dtype:
         torch.stack(hwc, out=out)

@@ -27,6 +27,7 @@ OPTIONS = [
     "--epochs",
     "--json",
     "--plot",
+    "--breakdown",
     "--quick",
     "--generate",
     "--generate-size",
@@ -155,13 +156,18 @@ def _quick_args(tmp_path: Path, workers: int, *extra: str) -> list[str]:
 
 def test_bench_quick_every_loader(tmp_path, capsys):
     # every loader in-process (workers=0) keeps this fast; the spawn path is the next test
-    assert bench.main(_quick_args(tmp_path, 0)) == 0
+    assert bench.main(_quick_args(tmp_path, 0, "--breakdown")) == 0
     out = capsys.readouterr().out
     report = json.loads((tmp_path / "bench.json").read_text())
     assert set(report["loaders"]) == set(bench.LOADERS)
     for key, res in report["loaders"].items():
         assert res["images_per_s"] > 0, key
         assert len(res["rounds"]) == 1, key  # --quick: one warm-up epoch, one timed
+        if key not in bench.BOUNDS:  # in-process loaders: the main process did all the work
+            assert res["main_cpu_us"] is not None and res["worker_cpu_us"] is None, key
+    steps = {step["step"]: step["cpu_us_per_image"] for step in report["breakdown"]}
+    assert len(steps) == 10 and all(us > 0 for us in steps.values()), steps
+    assert "where a worker's time goes" in out and "Lance take, random rows" in out
     assert report["conversion"]["rows"] == 192 and report["conversion"]["images_per_s"] > 0
     assert report["conversion"]["peak_rss"] > 0
     assert report["storage"]["lance_bytes"] > 0 and report["storage"]["imagefolder_bytes"] > 0
@@ -188,6 +194,7 @@ def test_bench_cli_spawn_workers(tmp_path):
     for res in report["loaders"].values():
         assert res["images_per_s"] > 0 and res["startup_s"] > 0
         assert len(res["worker_peak_rss_mb"]) == 1 and res["worker_peak_rss_mb"][0] > 0
+        assert res["worker_cpu_us"] > 0  # the worker decoded: its CPU time is counted
     assert "images/s" in proc.stdout
 
 
