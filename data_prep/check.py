@@ -8,14 +8,21 @@ starts in ~0.06 s, where an import of Lance alone takes ~0.4 s.
 from __future__ import annotations
 
 import io
-import os
 import signal
 import warnings
 from multiprocessing.connection import Connection
 
-from PIL import Image, JpegImagePlugin, UnidentifiedImageError
+from PIL import Image, ImageFile, JpegImagePlugin, UnidentifiedImageError
 
-__all__ = ["ConversionError", "InvalidImage", "check_image", "check_items", "read_image", "serve"]
+__all__ = [
+    "ConversionError",
+    "InvalidImage",
+    "check_image",
+    "check_items",
+    "pil_settings",
+    "read_image",
+    "serve",
+]
 
 
 class ConversionError(Exception):
@@ -65,6 +72,10 @@ def check_image(data: bytes, where: str) -> tuple[int, int]:
         raise InvalidImage(where, f"not a readable image ({len(data):,} bytes PIL cannot identify)") from None
     except (OSError, SyntaxError, ValueError, EOFError, IndexError) as e:
         raise InvalidImage(where, f"corrupt image: {e}") from None
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a plugin's parser failing in its own way (struct.error ...)
+        raise InvalidImage(where, f"corrupt image ({type(e).__name__}: {e})") from None
     return width, height
 
 
@@ -107,6 +118,14 @@ def read_image(path: str, where: str) -> bytes:
 
 
 # ------------------------------------------------------------------------------------- worker processes
+def pil_settings() -> dict:
+    """The PIL settings that change what :func:`check_image` accepts, for a worker process to copy."""
+    return {
+        "max_image_pixels": Image.MAX_IMAGE_PIXELS,
+        "load_truncated_images": bool(ImageFile.LOAD_TRUNCATED_IMAGES),
+    }
+
+
 def check_items(items: list[str | bytes]) -> list[tuple[bytes | None, int, int] | str]:
     """Read (a ``str`` is a path) and check each item, in order.
 
@@ -132,19 +151,22 @@ def check_items(items: list[str | bytes]) -> list[tuple[bytes | None, int, int] 
     return out
 
 
-def serve(max_image_pixels: int | None) -> None:
-    """A checking worker's main loop: lists of items from stdin, :func:`check_items` of each to stdout.
+def serve(requests_fd: int, results_fd: int, settings: dict) -> None:
+    """A checking worker's main loop: lists of items from ``requests_fd``, :func:`check_items` of each to
+    ``results_fd`` (pipes inherited from the parent; stdout stays free, so a stray print corrupts nothing).
 
-    Messages are framed and pickled by ``multiprocessing.connection``. Returns when stdin closes (the
-    parent is done or gone). Uses the parent's pixel limit; ignores SIGINT, which is the parent's to handle.
+    Messages are framed and pickled by ``multiprocessing.connection`` (POSIX file descriptors). Returns when
+    the request pipe closes (the parent is done or gone). ``settings``: the parent's
+    ``PIL.Image.MAX_IMAGE_PIXELS`` and ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES``, so both sides check alike.
+    Ignores SIGINT, which is the parent's to handle.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    Image.MAX_IMAGE_PIXELS = max_image_pixels
+    Image.MAX_IMAGE_PIXELS = settings["max_image_pixels"]
+    ImageFile.LOAD_TRUNCATED_IMAGES = settings["load_truncated_images"]
     # check_image refuses such images with its own message; the warning would only add noise
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-    requests = Connection(os.dup(0), writable=False)
-    results = Connection(os.dup(1), readable=False)
-    os.dup2(2, 1)  # a stray print must not corrupt the results
+    requests = Connection(requests_fd, writable=False)
+    results = Connection(results_fd, readable=False)
     while True:
         try:
             items = requests.recv()

@@ -45,7 +45,7 @@ from lance.fragment import write_fragments
 from PIL import Image
 from tqdm import tqdm
 
-from .check import ConversionError, InvalidImage, check_image, read_image
+from .check import ConversionError, InvalidImage, check_image, pil_settings, read_image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
 METADATA_KEY = b"lance_cookbook"
@@ -278,10 +278,13 @@ def open_source(
 
 # ------------------------------------------------------------------------------------------- conversion
 CHECK_CHUNK = 64  # records per task: one task per record costs more than checking a small image
+CHECK_CHUNK_BYTES = 4 << 20  # ... and at most this many bytes of images per task (large photos)
 # Below this many records threads are as fast: starting and stopping worker processes costs ~0.1 s
 PROCESS_MIN_RECORDS = 2_000
 IN_FLIGHT_PER_WORKER = 4  # chunks queued per worker process: it never waits while the writer writes
+MAX_DEFAULT_WORKERS = 8  # default checkers at most: bounds memory in flight (8 x 4 x 4 MiB) on big hosts
 STOP_TIMEOUT_S = 60  # how long a failed conversion waits for lance's reader thread to leave our code
+WORKER_EXIT_TIMEOUT_S = 5  # how long a terminated checking process gets before it is killed
 
 Checked = tuple[Record, bytes | None, tuple[int, int] | InvalidImage]
 
@@ -306,12 +309,35 @@ def _record_batches(records: Iterable[Record], batch_rows: int) -> Iterator[list
         yield chunk
 
 
+def _record_bytes(record: Record) -> int:
+    if record.data is not None:
+        return len(record.data)
+    try:
+        return os.stat(record.path).st_size
+    except OSError:
+        return 0  # the check names the unreadable file
+
+
+def _chunks(batch: list[Record]) -> Iterator[list[Record]]:
+    """``batch`` in order, split into tasks of at most ``CHECK_CHUNK`` records and ``CHECK_CHUNK_BYTES``."""
+    chunk: list[Record] = []
+    size = 0
+    for record in batch:
+        nbytes = 0 if record.problem else _record_bytes(record)
+        if chunk and (len(chunk) == CHECK_CHUNK or size + nbytes > CHECK_CHUNK_BYTES):
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(record)
+        size += nbytes
+    if chunk:
+        yield chunk
+
+
 def _checked_by_threads(batches: Iterable[list[Record]], workers: int) -> Iterator[Iterator[Checked]]:
     """Check each batch with threads (PIL releases the GIL only to decode); yield its results in order."""
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for chunk in batches:
-            parts = [chunk[i : i + CHECK_CHUNK] for i in range(0, len(chunk), CHECK_CHUNK)]
-            yield itertools.chain.from_iterable(pool.map(_checked_chunk, parts))
+            yield itertools.chain.from_iterable(pool.map(_checked_chunk, _chunks(chunk)))
 
 
 class CheckPool:
@@ -319,10 +345,11 @@ class CheckPool:
 
     Each worker is a fresh interpreter (never a fork: Lance is not fork-safe) running
     :func:`data_prep.check.serve`, which imports only PIL. Unlike multiprocessing's spawn it does not
-    re-import the caller's ``__main__`` (Lance under the CLI, anything at all in a user's script). Workers
-    are in their own process group, so a Ctrl-C reaches only this process, which stops them with
-    :meth:`close`; they also exit when this process dies (their stdin closes). One thread per worker sends
-    it a chunk and waits for the result; at most ``IN_FLIGHT_PER_WORKER`` chunks of ``CHECK_CHUNK`` records
+    re-import the caller's ``__main__`` (Lance under the CLI, anything at all in a user's script). Requests
+    and results travel over two inherited pipes (POSIX only). Workers are in their own process group, so a
+    Ctrl-C reaches only this process, which stops them with :meth:`close`; they also exit when this process
+    dies (their request pipe closes). One thread per worker sends it a chunk and waits for the result; at
+    most ``IN_FLIGHT_PER_WORKER`` chunks (each at most ``CHECK_CHUNK`` records and ``CHECK_CHUNK_BYTES``)
     per worker are in flight, so memory stays bounded however large the source is.
     """
 
@@ -330,10 +357,10 @@ class CheckPool:
         self.in_flight = IN_FLIGHT_PER_WORKER * workers
         root = str(Path(__file__).resolve().parent.parent)  # where data_prep is importable from
         code = (
-            "import sys; sys.path.insert(0, sys.argv[1]); from data_prep.check import serve; "
-            "import json; serve(json.loads(sys.argv[2]))"
+            "import sys, json; sys.path.insert(0, sys.argv[1]); from data_prep.check import serve; "
+            "serve(int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4]))"
         )
-        cmd = [sys.executable, "-c", code, root, json.dumps(Image.MAX_IMAGE_PIXELS)]
+        settings = json.dumps(pil_settings())
         self._idle: queue.SimpleQueue = queue.SimpleQueue()
         self._workers: list[tuple[subprocess.Popen, Connection, Connection]] = []
         self._threads = ThreadPoolExecutor(workers, thread_name_prefix="check")
@@ -342,7 +369,16 @@ class CheckPool:
                 requests_r, requests_w = os.pipe()
                 results_r, results_w = os.pipe()
                 try:
-                    proc = subprocess.Popen(cmd, stdin=requests_r, stdout=results_w, process_group=0)
+                    proc = subprocess.Popen(
+                        [sys.executable, "-c", code, root, str(requests_r), str(results_w), settings],
+                        stdin=subprocess.DEVNULL,
+                        pass_fds=(requests_r, results_w),
+                        process_group=0,
+                    )
+                except BaseException:
+                    os.close(requests_w)
+                    os.close(results_r)
+                    raise
                 finally:
                     os.close(requests_r)
                     os.close(results_w)
@@ -355,11 +391,23 @@ class CheckPool:
 
     def _check(self, items: list[str | bytes]) -> list:
         worker = self._idle.get()
+        proc = worker[0]
         try:
             worker[1].send(items)
             return worker[2].recv()
         except (EOFError, OSError) as e:
-            raise ConversionError(f"a checking worker process stopped ({type(e).__name__}: {e})") from None
+            try:
+                code = proc.wait(WORKER_EXIT_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                code = None
+            how = (
+                f"was killed by signal {-code}" + (" (the out-of-memory killer?)" if code == -9 else "")
+                if code is not None and code < 0
+                else f"exited with code {code}"
+                if code is not None
+                else f"stopped answering ({type(e).__name__}: {e})"
+            )
+            raise ConversionError(f"a checking worker process (pid {proc.pid}) {how}") from None
         finally:
             self._idle.put(worker)  # even a dead one: the next chunk then fails at once instead of waiting
 
@@ -370,9 +418,10 @@ class CheckPool:
         dies raises :class:`ConversionError` naming the records it was checking.
         """
         parts = (
-            (chunk[i : i + CHECK_CHUNK], i + CHECK_CHUNK >= len(chunk))
-            for chunk in batches
-            for i in range(0, len(chunk), CHECK_CHUNK)
+            (part, i == len(split) - 1)
+            for batch in batches
+            for split in [list(_chunks(batch))]
+            for i, part in enumerate(split)
         )
         pending: deque = deque()  # (records, last of its batch, future), in source order
 
@@ -416,16 +465,22 @@ class CheckPool:
                 future.cancel()
 
     def close(self) -> None:
-        """Stop the workers, whatever they are doing, and return once every one has exited. Idempotent.
+        """Stop the workers, whatever they are doing, and return once every one has exited (killed after
+        ``WORKER_EXIT_TIMEOUT_S`` if need be). Idempotent.
 
         Checks still queued are cancelled and one running fails: by now nobody wants their results.
         """
         self._threads.shutdown(wait=False, cancel_futures=True)
         for proc, _, _ in self._workers:
             proc.terminate()
-        self._threads.shutdown(wait=True)  # a thread waiting on a worker now gets EOFError
-        for proc, requests, results in self._workers:
-            proc.wait()
+        for proc, _, _ in self._workers:
+            try:
+                proc.wait(WORKER_EXIT_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self._threads.shutdown(wait=True)  # a thread waiting on a worker has had EOFError by now
+        for _, requests, results in self._workers:
             requests.close()
             results.close()
         self._workers = []
@@ -474,10 +529,18 @@ def _batches(
 
 
 def _usable_cpus() -> int:
+    """CPUs this process may use: its affinity mask, capped by a cgroup v2 CPU quota (containers)."""
     try:
-        return len(os.sched_getaffinity(0))
+        cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+        cpus = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, int(int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return cpus
 
 
 def _is_remote(uri: str) -> bool:
@@ -588,6 +651,7 @@ def convert(
         target = str(staging)
 
     pool: CheckPool | None = None
+    generators: list[Iterator] = []  # ours that the reader thread runs, closed on failure
     start = time.perf_counter()
     bar = tqdm(total=src.total, unit="img", desc=f"converting {src.description}", disable=not progress)
     try:
@@ -613,13 +677,15 @@ def convert(
         elif engine == "local":
             records = _record_batches(src.records, batch_rows)
             expected = src.total if max_rows is None or src.total is None else min(src.total, max_rows)
-            processes = workers or _usable_cpus()
-            if processes > 1 and expected is not None and expected >= PROCESS_MIN_RECORDS:
+            processes = workers or min(MAX_DEFAULT_WORKERS, _usable_cpus())
+            large = expected is not None and expected >= PROCESS_MIN_RECORDS
+            if processes > 1 and large and os.name == "posix":  # CheckPool's pipes are POSIX descriptors
                 pool = CheckPool(processes)
                 checked = pool.checked(records)
             else:
                 checked = _checked_by_threads(records, workers or min(4, _usable_cpus()))
             batches = _batches(checked, max_rows, skip_invalid, skipped, stats, bar, src.description)
+            generators += [batches, checked]
             reader = pa.RecordBatchReader.from_batches(SCHEMA, guarded(batches))
             fragments = write_fragments(
                 reader,
@@ -650,13 +716,25 @@ def convert(
             staging = None
             ds = lance.dataset(uri)
     except BaseException as e:
-        stop.set()
-        if pool is not None:
-            pool.close()  # a reader thread waiting for a check gets an error and leaves
-        if running.acquire(timeout=STOP_TIMEOUT_S):  # the reader thread is out of the generator
-            running.release()
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
+        try:
+            stop.set()
+            if pool is not None:
+                pool.close()  # a reader thread waiting for a check gets an error and leaves
+            if running.acquire(timeout=STOP_TIMEOUT_S):  # the reader thread is out of the generator
+                try:
+                    for gen in generators:  # ends the checking threads too (their executor's with block)
+                        gen.close()
+                finally:
+                    running.release()
+            else:
+                warnings.warn(
+                    f"lance's reader thread did not leave the conversion within {STOP_TIMEOUT_S} s",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+        finally:  # even if a second Ctrl-C arrives while stopping
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
         if failure and failure[0] is not e:
             raise failure[0] from None
         raise

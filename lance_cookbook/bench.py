@@ -45,7 +45,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -167,9 +166,7 @@ def jpeg_views(column: pa.Array | pa.ChunkedArray) -> list[torch.Tensor] | None:
     raw = np.frombuffer(data_buffer, dtype=np.uint8)
     if not all((raw[starts + i] == byte).all() for i, byte in enumerate(JPEG_MAGIC)):
         return None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # read-only buffer: the views are only read
-        data = torch.frombuffer(data_buffer, dtype=torch.uint8)
+    data = torch.frombuffer(data_buffer, dtype=torch.uint8)  # read-only: the views are only read
     bounds = offsets.tolist()
     return [data[bounds[i] : bounds[i + 1]] for i in range(len(column))]
 
@@ -373,9 +370,7 @@ def breakdown(
     collate = ImageCollate(size, decoder="torchvision", dtype=torch.uint8)
     rows = [dataset.__getitems__(b) for b in batches]
     blobs = [[row["image"] for row in batch] for batch in rows]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # read-only buffers: only read
-        views = [[torch.frombuffer(b, dtype=torch.uint8) for b in batch] for batch in blobs]
+    views = [[torch.frombuffer(b, dtype=torch.uint8) for b in batch] for batch in blobs]
     decoded = [decode_jpeg(v, mode=ImageReadMode.RGB) for v in views]
     resized = [[collate._geometry(img) for img in batch] for batch in decoded]
     stacked = [Batch(stack_channels_last(batch, shared=False), torch.zeros(len(batch))) for batch in resized]

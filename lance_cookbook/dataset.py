@@ -50,9 +50,14 @@ class Rows(list):
         self.dataset = dataset
         self.indices = list(indices)
 
+    def __reduce__(self):
+        return (list, (list(self),))  # a plain list: no dataset handle rides along to another process
+
     def describe(self, position: int) -> str:
         index = self.indices[position]
-        ds = self.dataset._ds or lance.dataset(self.dataset.uri, **self.dataset.dataset_options)
+        ds = self.dataset._ds
+        if ds is None:
+            ds = lance.dataset(self.dataset.uri, **self.dataset.dataset_options)
         for key in ("source", "id"):
             if key in ds.schema.names:
                 try:

@@ -68,9 +68,10 @@ def make_loader(
       and persist across epochs; ``pin_memory`` defaults to ``torch.cuda.is_available()``.
     - A URI is opened here first, so a wrong path fails now with its name; ``version`` and
       ``storage_options`` reach every worker.
-    - ``columns``: what each batch reads from a URI. ``"auto"`` (default) reads only the image and label
-      columns when ``collate_fn`` is an :class:`ImageCollate` (the other columns would cost a quarter more
-      per small image) and every column otherwise; ``None`` reads every column.
+    - ``columns``: what each batch reads from a URI. ``"auto"`` (default) reads the columns the collate
+      names in its ``columns`` attribute (:class:`ImageCollate`: image and label; the other columns cost
+      Lance a fifth more per small image) and every column for a collate without one; ``None`` reads
+      every column.
     - Pass ``sampler=DistributedSampler(...)`` for DDP training (call ``sampler.set_epoch(epoch)`` every
       epoch) or :class:`lance_cookbook.ShardSampler` for exactly-once evaluation.
     Other keyword arguments (``timeout``, ``prefetch_factor``, ``drop_last``, ``generator`` ...) go to
@@ -80,11 +81,9 @@ def make_loader(
         collate_fn = ImageCollate(224, decoder="torchvision", dtype=torch.uint8)
     if isinstance(uri_or_dataset, (str, os.PathLike)):
         if columns == "auto":
-            columns = (
-                (collate_fn.image_column, collate_fn.label_column)
-                if isinstance(collate_fn, ImageCollate)
-                else None
-            )
+            columns = getattr(collate_fn, "columns", None)
+        elif isinstance(columns, str):
+            raise TypeError(f"columns takes a list of column names, not the string {columns!r}")
         dataset = open_dataset(
             uri_or_dataset, version=version, storage_options=storage_options, columns=columns
         )

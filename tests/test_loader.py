@@ -165,3 +165,24 @@ class SlowCollate:
 
     def __call__(self, rows):
         time.sleep(30)
+
+
+def test_rows_pickle_as_a_plain_list(id_dataset):
+    import pickle
+
+    rows = open_dataset(id_dataset, columns=["id"]).__getitems__([3, 1])
+    clone = pickle.loads(pickle.dumps(rows))
+    assert type(clone) is list and clone == [{"id": 3}, {"id": 1}]
+
+
+def test_columns_follow_the_collate_and_a_string_is_refused(id_dataset):
+    class ReadsSource(ImageCollate):
+        columns = ("image", "label", "source")
+
+    assert make_loader(id_dataset, num_workers=0, collate_fn=ReadsSource(8)).dataset.columns == [
+        "image",
+        "label",
+        "source",
+    ]
+    with pytest.raises(TypeError, match="not the string 'image'"):
+        make_loader(id_dataset, num_workers=0, columns="image")

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import _thread
 import json
 import re
 import struct
+import sys
+import threading
 import zlib
 from pathlib import Path
 
@@ -234,6 +237,26 @@ def _children() -> set[int]:
     return pids
 
 
+def small_folder(root: Path, classes=("a", "b"), per_class: int = 100) -> Path:
+    """``root/<class>/<i>.jpg``: many small real JPEGs of one size, cheap to write and to check."""
+    for c in classes:
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            (root / c / f"{i:03d}.jpg").write_bytes(encode(photo(i, (16, 12)), "JPEG"))
+    return root
+
+
+linux_only = pytest.mark.skipif(sys.platform != "linux", reason="counts child processes through /proc")
+
+
+@pytest.fixture
+def new_children():
+    """A function listing the children started since the test began (a resource tracker, a moto server
+    or Ray started by an earlier test of the session stay, and are not this test's)."""
+    before = _children()
+    return lambda: _children() - before
+
+
 @pytest.fixture
 def processes(monkeypatch):
     """Check with two worker processes whatever the source's size (the default is threads below 2,000)."""
@@ -249,7 +272,8 @@ def processes(monkeypatch):
     return started
 
 
-def test_process_check_writes_the_same_table_as_threads(tmp_path, processes):
+@linux_only
+def test_process_check_writes_the_same_table_as_threads(tmp_path, processes, new_children):
     folder = make_imagefolder(tmp_path / "src", per_class=70, size=(20, 16))
     (folder / "cat" / "gray.png").write_bytes(encode(photo(3, (30, 20)).convert("L"), "PNG"))
     by_threads = convert_module.convert(
@@ -262,12 +286,15 @@ def test_process_check_writes_the_same_table_as_threads(tmp_path, processes):
     assert len(processes) == 1 and by_processes.rows == by_threads.rows == 211
     t, p = (lance.dataset(str(tmp_path / n)).to_table() for n in ("t.lance", "p.lance"))
     assert p.equals(t)
-    assert _children() == set()
+    assert new_children() == set()
 
 
+@linux_only
 @pytest.mark.parametrize("name", ["truncated.jpg", "bomb.png", "notes.txt", "empty.jpg"])
-def test_process_check_names_the_bad_file_and_stops_its_workers(tmp_path, capsys, processes, name):
-    folder = make_imagefolder(tmp_path / "src", per_class=40, size=(20, 16))
+def test_process_check_names_the_bad_file_and_stops_its_workers(
+    tmp_path, capsys, processes, name, new_children
+):
+    folder = small_folder(tmp_path / "src", classes=("cat", "dog"), per_class=40)
     (folder / "dog" / f"020-{name}").write_bytes(BAD_FILES[name]())
     out = tmp_path / "out.lance"
     code, _, err = run_cli(capsys, "--source", f"imagefolder:{folder}", "--output", out, "--workers", "2")
@@ -276,11 +303,12 @@ def test_process_check_names_the_bad_file_and_stops_its_workers(tmp_path, capsys
     assert code == 2 and len(lines) == 1, err
     assert f"dog/020-{name}" in lines[0] and REASONS[name] in lines[0], lines[0]
     assert not out.exists() and leftovers(tmp_path) == []
-    assert _children() == set()
+    assert new_children() == set()
 
 
+@linux_only
 def test_process_check_skip_invalid_keeps_source_order(tmp_path, capsys, processes):
-    folder = make_imagefolder(tmp_path / "src", classes=("a", "b"), per_class=100, size=(16, 16))
+    folder = small_folder(tmp_path / "src", classes=("a", "b"), per_class=100)
     (folder / "a" / "050-bad.jpg").write_bytes(b"junk")
     out = tmp_path / "out.lance"
     code, stdout, _ = run_cli(
@@ -292,10 +320,12 @@ def test_process_check_skip_invalid_keeps_source_order(tmp_path, capsys, process
     assert [r["source"] for r in got] == expected and [r["id"] for r in got] == list(range(200))
 
 
-def test_interrupted_process_check_leaves_nothing_running(tmp_path, capsys, monkeypatch, processes):
+@linux_only
+def test_interrupted_process_check_leaves_nothing_running(
+    tmp_path, capsys, monkeypatch, processes, new_children
+):
     """Ctrl-C while worker processes are checking: exit 130, no dataset, no worker left behind."""
-    folder = make_imagefolder(tmp_path / "src", classes=("a", "b"), per_class=150, size=(16, 16))
-    real = convert_module.record_invalid
+    folder = small_folder(tmp_path / "src", classes=("a", "b"), per_class=150)
     real_batches = convert_module._batches
 
     def interrupt_after_first_batch(checked, *args, **kwargs):
@@ -310,22 +340,107 @@ def test_interrupted_process_check_leaves_nothing_running(tmp_path, capsys, monk
     code, _, err = run_cli(capsys, *args)
     assert code == 130 and "interrupted" in err and len(processes) == 1
     assert not out.exists() and leftovers(tmp_path) == []
-    assert _children() == set()
-    assert convert_module.record_invalid is real
+    assert new_children() == set()
 
 
-def test_dead_check_worker_is_reported_naming_the_records(tmp_path):
-    folder = make_imagefolder(tmp_path / "src", classes=("a",), per_class=10, size=(16, 16))
+@linux_only
+@pytest.mark.parametrize("checker", ["threads", "processes"])
+def test_ctrl_c_in_the_main_thread_stops_everything(tmp_path, capsys, monkeypatch, checker, new_children):
+    """A real Ctrl-C lands in the main thread, inside lance's writer, while the reader thread is checking."""
+    if checker == "processes":
+        monkeypatch.setattr(convert_module, "PROCESS_MIN_RECORDS", 0)
+    folder = small_folder(tmp_path / "src", classes=("a", "b"), per_class=150)
+    real_batches = convert_module._batches
+    produced = []
+
+    def interrupt_main_after_first_batch(checked, *args, **kwargs):
+        for batch in real_batches(checked, *args, **kwargs):
+            produced.append(batch.num_rows)
+            if len(produced) == 2:
+                _thread.interrupt_main()  # what SIGINT does: KeyboardInterrupt in the main thread
+                threading.Event().wait(0.5)  # the main thread stops while this thread is still here
+            yield batch
+
+    monkeypatch.setattr(convert_module, "_batches", interrupt_main_after_first_batch)
+    out = tmp_path / "out.lance"
+    args = ["--source", f"imagefolder:{folder}", "--output", out, "--workers", "2", "--batch-rows", "32"]
+    code, _, err = run_cli(capsys, *args)
+    assert code == 130 and "interrupted" in err, err
+    assert len(produced) < 300 // 32  # it stopped early
+    assert not out.exists() and leftovers(tmp_path) == []
+    assert new_children() == set()
+    assert [t for t in threading.enumerate() if t.name.startswith("check")] == []
+
+
+@linux_only
+def test_process_check_with_max_rows_stops_early(tmp_path, processes, new_children):
+    folder = small_folder(tmp_path / "src", classes=("a", "b"), per_class=200)
+    out = tmp_path / "out.lance"
+    summary = convert_module.convert(
+        f"imagefolder:{folder}", out, workers=2, batch_rows=64, max_rows=100, progress=False
+    )
+    assert len(processes) == 1 and summary.rows == 100
+    got = lance.dataset(str(out)).to_table(columns=["source"]).column("source").to_pylist()
+    assert got == [f"a/{i:03d}.jpg" for i in range(100)]
+    assert new_children() == set()
+
+
+@linux_only
+def test_worker_killed_during_conversion_is_named_and_cleaned_up(
+    tmp_path, capsys, monkeypatch, processes, new_children
+):
+    folder = small_folder(tmp_path / "src", classes=("a", "b", "c"), per_class=400)
+    real_batches = convert_module._batches
+
+    def kill_a_worker_after_first_batch(checked, *args, **kwargs):
+        for i, batch in enumerate(real_batches(checked, *args, **kwargs)):
+            if i == 0:
+                for proc, _, _ in processes[0]._workers:
+                    proc.kill()
+            yield batch
+
+    monkeypatch.setattr(convert_module, "_batches", kill_a_worker_after_first_batch)
+    out = tmp_path / "out.lance"
+    args = ["--source", f"imagefolder:{folder}", "--output", out, "--workers", "2", "--batch-rows", "64"]
+    code, _, err = run_cli(capsys, *args)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    assert re.search(
+        r"checking worker process \(pid \d+\) was killed by signal 9.* while checking [abc]/", err
+    ), err
+    assert not out.exists() and leftovers(tmp_path) == []
+    assert new_children() == set()
+
+
+def test_unexpected_parser_failure_is_named_not_raised(monkeypatch):
+    """A plugin failing in its own way (struct.error, TypeError ...) is an invalid image, named as such."""
+    from data_prep import check
+
+    png = encode(photo(1, (20, 20)), "PNG")
+
+    def broken_open(*args, **kwargs):
+        raise struct.error("unpack requires a buffer of 4 bytes")
+
+    monkeypatch.setattr(check.Image, "open", broken_open)
+    with pytest.raises(check.InvalidImage, match=r"^x.png: corrupt image \(error: unpack requires"):
+        check.check_image(png, "x.png")
+    assert check.check_items([png]) == ["corrupt image (error: unpack requires a buffer of 4 bytes)"]
+
+
+@linux_only
+def test_dead_check_worker_is_reported_naming_the_records(tmp_path, new_children):
+    folder = small_folder(tmp_path / "src", classes=("a",), per_class=10)
     records = list(convert_module.open_source(f"imagefolder:{folder}").records)
     pool = convert_module.CheckPool(1)
     try:
         pool._workers[0][0].kill()
         pool._workers[0][0].wait()
         with pytest.raises(
-            convert_module.ConversionError, match="checking worker process stopped.*a/000.jpg"
+            convert_module.ConversionError,
+            match=r"checking worker process \(pid \d+\) was killed by signal 9.*a/000.jpg to a/009.jpg",
         ):
             for batch in pool.checked([records]):
                 list(batch)
     finally:
         pool.close()
-    assert _children() == set()
+    assert new_children() == set()
