@@ -6,7 +6,7 @@ The map-style recipe: ``SafeLanceDataset`` (batched ``take`` of raw image bytes)
 
 from .collate import Batch, DecodeError, ImageCollate
 from .data import default_data_dir, ensure_digits
-from .dataset import DatasetNotFound, LanceImageDataset, dataset_options, label_names, open_dataset
+from .dataset import DatasetNotFound, LanceImageDataset, Rows, dataset_options, label_names, open_dataset
 from .device import IMAGENET_MEAN, IMAGENET_STD, to_device
 from .loader import check_start_method, default_workers, make_loader
 from .models import SmallCNN, build_model
@@ -22,6 +22,7 @@ __all__ = [
     "IMAGENET_STD",
     "ImageCollate",
     "LanceImageDataset",
+    "Rows",
     "ShardSampler",
     "SmallCNN",
     "build_model",

@@ -397,7 +397,7 @@ def breakdown(
             sum(map(len, run_batches)),
         ),
         (
-            "rows as Python dicts (to_pylist)",
+            "Lance take + rows as Python dicts (the rows)",
             lambda: [ds.take(b, columns=["image", "label"]).to_pylist() for b in batches],
             len(order),
         ),
@@ -646,13 +646,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 with open(files[i][0], "rb") as f:
                     blobs.append(f.read())
 
-        if args.breakdown:
-            _log("timing each step of a worker (--breakdown)")
-            files = [path for path, _ in ImageFolder(folder).samples]
-            report["breakdown"] = breakdown(
-                uri, files, order, args.image_size, args.batch_size, min(n, 512 if args.quick else 4096)
-            )
-
         main_rss = _proc_status().get("VmRSS")
         candidates = [
             _build(
@@ -706,6 +699,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             ]
             cand.close()
         report["main_rss_before_loaders_mb"] = main_rss / MB if main_rss else None
+        if args.breakdown:  # after the loaders: its decoded images must not count in their memory figures
+            _log("timing each step of a worker (--breakdown)")
+            files = [path for path, _ in ImageFolder(folder).samples]
+            report["breakdown"] = breakdown(
+                uri, files, order, args.image_size, args.batch_size, min(n, 256 if args.quick else 1024)
+            )
         report["loaders"] = {c.key: asdict(c.result) for c in candidates}
         report["ratios"], report["targets"] = _ratios(report)
         if hasattr(os, "getloadavg"):
