@@ -357,15 +357,14 @@ def breakdown(
 
     order = order[:images]
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    run = 16  # rows per contiguous run: what a block-shuffled order would read
-    starts = order[: max(1, len(order) // run)]
-    n_rows = lance.dataset(uri).count_rows()
-    runs = [min(s, max(0, n_rows - run)) for s in starts]
-    run_batches = [
-        sorted(r + j for r in runs[i : i + batch_size // run] for j in range(run))
-        for i in range(0, len(runs), max(1, batch_size // run))
-    ]
     ds = lance.dataset(uri)
+    run = max(1, min(16, ds.count_rows()))  # rows per contiguous run: what a block-shuffled order reads
+    per_batch = max(1, batch_size // run)  # runs per batch
+    runs = [min(start, ds.count_rows() - run) for start in order[: max(1, len(order) // run)]]
+    run_batches = [
+        sorted(r + j for r in runs[i : i + per_batch] for j in range(run))
+        for i in range(0, len(runs), per_batch)
+    ]
     dataset = LanceImageDataset(uri)
     collate = ImageCollate(size, decoder="torchvision", dtype=torch.uint8)
     rows = [dataset.__getitems__(b) for b in batches]

@@ -204,3 +204,16 @@ def test_bench_rejects_bad_arguments(tmp_path, capsys):
     assert "unknown loader" in capsys.readouterr().err
     assert bench.main(["--imagefolder", str(tmp_path / "missing")]) == 2
     assert bench.main(["--imagefolder", str(tmp_path), "--epochs", "1"]) == 2
+
+
+def test_breakdown_times_every_step_even_on_a_tiny_dataset(tmp_path):
+    blobs = [_jpeg((20 * i, 40, 200 - 10 * i), size=(20 + i, 14)) for i in range(10)]
+    uri = str(tmp_path / "tiny.lance")
+    lance.write_dataset(pa.table({"image": pa.array(blobs, pa.binary()), "label": list(range(10))}), uri)
+    files = []
+    for i, blob in enumerate(blobs):
+        files.append(str(tmp_path / f"{i}.jpg"))
+        Path(files[-1]).write_bytes(blob)
+    steps = bench.breakdown(uri, files, list(range(10))[::-1], size=8, batch_size=4, images=10)
+    assert [s["step"] for s in steps][1] == "Lance take, runs of 10 contiguous rows"  # fewer rows than 16
+    assert len(steps) == 10 and all(s["cpu_us_per_image"] > 0 for s in steps), steps
