@@ -275,8 +275,8 @@ class Candidate:
         ]
         if n / seconds > max(self.result.rounds, default=0.0):  # keep the best round's split
             self.result.main_cpu_us = cpu[0]
-            worker = [c for c in cpu[1:] if c is not None]
-            self.result.worker_cpu_us = sum(worker) if worker else None
+            worker = cpu[1:]  # a worker that could not be read (gone) leaves the sum unknown
+            self.result.worker_cpu_us = sum(worker) if worker and None not in worker else None
         return n, seconds
 
     def worker_pids(self) -> list[int]:
@@ -358,9 +358,10 @@ def breakdown(
     order = order[:images]
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     ds = lance.dataset(uri)
-    run = max(1, min(16, ds.count_rows()))  # rows per contiguous run: what a block-shuffled order reads
+    n_rows = ds.count_rows()
+    run = max(1, min(16, n_rows))  # rows per contiguous run: what a block-shuffled order reads
     per_batch = max(1, batch_size // run)  # runs per batch
-    runs = [min(start, ds.count_rows() - run) for start in order[: max(1, len(order) // run)]]
+    runs = [min(start, n_rows - run) for start in order[: max(1, len(order) // run)]]
     run_batches = [
         sorted(r + j for r in runs[i : i + per_batch] for j in range(run))
         for i in range(0, len(runs), per_batch)
@@ -369,6 +370,8 @@ def breakdown(
     collate = ImageCollate(size, decoder="torchvision", dtype=torch.uint8)
     rows = [dataset.__getitems__(b) for b in batches]
     blobs = [[row["image"] for row in batch] for batch in rows]
+    if not all(b.startswith(JPEG_MAGIC) for batch in blobs for b in batch):
+        raise ValueError(f"--breakdown times the JPEG path: {uri} holds images of other formats")
     views = [[torch.frombuffer(b, dtype=torch.uint8) for b in batch] for batch in blobs]
     decoded = [decode_jpeg(v, mode=ImageReadMode.RGB) for v in views]
     resized = [[collate._geometry(img) for img in batch] for batch in decoded]
@@ -701,9 +704,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.breakdown:  # after the loaders: its decoded images must not count in their memory figures
             _log("timing each step of a worker (--breakdown)")
             files = [path for path, _ in ImageFolder(folder).samples]
-            report["breakdown"] = breakdown(
-                uri, files, order, args.image_size, args.batch_size, min(n, 256 if args.quick else 1024)
-            )
+            try:
+                report["breakdown"] = breakdown(
+                    uri, files, order, args.image_size, args.batch_size, min(n, 256 if args.quick else 1024)
+                )
+            except ValueError as e:  # not JPEG: the loaders' figures still stand
+                report["breakdown_error"] = str(e)
+                _log(f"--breakdown skipped: {e}")
         report["loaders"] = {c.key: asdict(c.result) for c in candidates}
         report["ratios"], report["targets"] = _ratios(report)
         if hasattr(os, "getloadavg"):

@@ -82,8 +82,11 @@ def make_loader(
     if isinstance(uri_or_dataset, (str, os.PathLike)):
         if columns == "auto":
             columns = getattr(collate_fn, "columns", None)
-        elif isinstance(columns, str):
-            raise TypeError(f"columns takes a list of column names, not the string {columns!r}")
+        if isinstance(columns, str) or not (
+            columns is None
+            or (isinstance(columns, (list, tuple)) and all(isinstance(c, str) for c in columns))
+        ):
+            raise TypeError(f"columns takes a list of column names, not {columns!r}")
         dataset = open_dataset(
             uri_or_dataset, version=version, storage_options=storage_options, columns=columns
         )

@@ -184,5 +184,5 @@ def test_columns_follow_the_collate_and_a_string_is_refused(id_dataset):
         "label",
         "source",
     ]
-    with pytest.raises(TypeError, match="not the string 'image'"):
+    with pytest.raises(TypeError, match="a list of column names, not 'image'"):
         make_loader(id_dataset, num_workers=0, columns="image")
