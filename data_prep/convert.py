@@ -45,7 +45,13 @@ from lance.fragment import write_fragments
 from PIL import Image
 from tqdm import tqdm
 
-from .check import ConversionError, InvalidImage, check_image, pil_settings, read_image
+from .check import (  # check_image: part of this module's API
+    ConversionError,
+    InvalidImage,
+    check_image,  # noqa: F401
+    check_items,
+    pil_settings,
+)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
 METADATA_KEY = b"lance_cookbook"
@@ -72,10 +78,6 @@ class Record:
     data: bytes | None = None
     path: str | None = None
     problem: str | None = None  # set by a source that already knows the record is unusable
-
-    def read(self) -> bytes:
-        """The encoded bytes; raises :class:`InvalidImage` naming ``source`` if the file cannot be read."""
-        return self.data if self.data is not None else read_image(self.path, self.source)
 
 
 @dataclass
@@ -289,18 +291,32 @@ WORKER_EXIT_TIMEOUT_S = 5  # how long a terminated checking process gets before 
 Checked = tuple[Record, bytes | None, tuple[int, int] | InvalidImage]
 
 
-def _checked(record: Record) -> Checked:
-    try:
+def _items(records: list[Record]) -> list[str | bytes]:
+    """What :func:`data_prep.check.check_items` reads and checks for ``records``: a path or the bytes of
+    each record that is not already known to be unusable."""
+    return [r.path if r.data is None else r.data for r in records if not r.problem]
+
+
+def _merge(records: list[Record], results: list) -> Iterator[Checked]:
+    """``(record, data, (width, height) | InvalidImage)`` per record, from
+    ``check_items(_items(records))``."""
+    it = iter(results)
+    for record in records:
         if record.problem:
-            raise InvalidImage(record.source, record.problem)
-        data = record.read()
-        return record, data, check_image(data, record.source)
-    except InvalidImage as e:
-        return record, None, e
+            yield record, None, InvalidImage(record.source, record.problem)
+            continue
+        result = next(it)
+        if isinstance(result, str):
+            yield record, None, InvalidImage(record.source, result)
+        else:
+            data, width, height = result
+            yield record, record.data if data is None else data, (width, height)
 
 
-def _checked_chunk(records: list[Record]) -> list[Checked]:
-    return [_checked(record) for record in records]
+def checked_records(records: list[Record]) -> list[Checked]:
+    """Read and check ``records`` in this thread (the thread and Ray paths; CheckPool does the same in
+    worker processes)."""
+    return list(_merge(records, check_items(_items(records))))
 
 
 def _record_batches(records: Iterable[Record], batch_rows: int) -> Iterator[list[Record]]:
@@ -337,7 +353,7 @@ def _checked_by_threads(batches: Iterable[list[Record]], workers: int) -> Iterat
     """Check each batch with threads (PIL releases the GIL only to decode); yield its results in order."""
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for chunk in batches:
-            yield itertools.chain.from_iterable(pool.map(_checked_chunk, _chunks(chunk)))
+            yield itertools.chain.from_iterable(pool.map(checked_records, _chunks(chunk)))
 
 
 class CheckPool:
@@ -430,8 +446,7 @@ class CheckPool:
                 part, last = next(parts, (None, None))
                 if part is None:
                     return
-                items = [r.path if r.data is None else r.data for r in part if not r.problem]
-                pending.append((part, last, self._threads.submit(self._check, items)))
+                pending.append((part, last, self._threads.submit(self._check, _items(part))))
 
         def batch() -> Iterator[Checked]:
             last = False
@@ -439,20 +454,11 @@ class CheckPool:
                 top_up()
                 part, last, future = pending.popleft()
                 try:
-                    results = iter(future.result())
+                    results = future.result()
                 except ConversionError as e:
                     where = f"{part[0].source} to {part[-1].source}"
                     raise ConversionError(f"{e} while checking {where}") from None
-                for record in part:
-                    if record.problem:
-                        yield record, None, InvalidImage(record.source, record.problem)
-                        continue
-                    result = next(results)
-                    if isinstance(result, str):
-                        yield record, None, InvalidImage(record.source, result)
-                    else:
-                        data, width, height = result
-                        yield record, record.data if data is None else data, (width, height)
+                yield from _merge(part, results)
 
         try:
             while True:

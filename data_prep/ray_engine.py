@@ -4,7 +4,7 @@ The driver (the process running ``data_prep.convert``) enumerates the source and
 ``block_rows`` records, in source order. Then, on any node of the cluster:
 
 1. a ``_check_block`` task per block reads each image (from its path or from the bytes the source gave),
-   checks it with :func:`data_prep.convert.check_image`, and returns a small per-record summary to the
+   checks it with :func:`data_prep.check.check_image`, and returns a small per-record summary to the
    driver; the valid rows stay in Ray's object store as an Arrow batch;
 2. the driver reads the summaries in source order, so it numbers the rows (``id``), stops at ``max_rows``
    and stops at (or, with ``skip_invalid``, records) an invalid image exactly where the local path does;
@@ -31,7 +31,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from .convert import SCHEMA, ConversionError, InvalidImage, Record, _checked, record_invalid
+from .convert import SCHEMA, ConversionError, InvalidImage, Record, checked_records, record_invalid
 
 __all__ = ["write_fragments_ray"]
 
@@ -47,7 +47,7 @@ def _check_block(records: list[Record]) -> tuple[list[Any], pa.RecordBatch]:
     """
     outcomes: list[Any] = []
     cols: dict[str, list] = {f.name: [] for f in SCHEMA}
-    for record, data, result in map(_checked, records):
+    for record, data, result in checked_records(records):
         if isinstance(result, InvalidImage):
             outcomes.append((result.where, result.reason))
             continue

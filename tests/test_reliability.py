@@ -166,21 +166,21 @@ def test_interrupted_conversion_leaves_previous_state(tmp_path, capsys, monkeypa
     out = tmp_path / "out.lance"
     if existing:
         assert run_cli(capsys, "--source", "digits", "--split", "test", "--output", out)[0] == 0
-    real = convert_module._checked
+    real = convert_module.checked_records
     calls = {"n": 0}
 
-    def interrupt_halfway(record):
+    def interrupt_halfway(records):
         calls["n"] += 1
-        if calls["n"] == 31:
+        if calls["n"] == 4:  # after 3 batches of 8 of the 60 records
             raise KeyboardInterrupt
-        return real(record)
+        return real(records)
 
-    monkeypatch.setattr(convert_module, "_checked", interrupt_halfway)
+    monkeypatch.setattr(convert_module, "checked_records", interrupt_halfway)
     monkeypatch.setattr(convert_module, "ThreadPoolExecutor", _InlineExecutor)
     args = ["--source", f"imagefolder:{folder}", "--output", out, "--overwrite", "--rows-per-file", "8"]
-    code, _, err = run_cli(capsys, *args)
+    code, _, err = run_cli(capsys, *args, "--batch-rows", "8")
     assert code == 130 and "interrupted" in err
-    assert calls["n"] == 31  # it really stopped halfway
+    assert calls["n"] == 4  # it really stopped halfway
     if existing:
         ds = lance.dataset(str(out))
         assert ds.version == 1 and ds.count_rows() == 360
