@@ -416,13 +416,12 @@ class CheckPool:
                 code = proc.wait(WORKER_EXIT_TIMEOUT_S)
             except subprocess.TimeoutExpired:
                 code = None
-            how = (
-                f"was killed by signal {-code}" + (" (the out-of-memory killer?)" if code == -9 else "")
-                if code is not None and code < 0
-                else f"exited with code {code}"
-                if code is not None
-                else f"stopped answering ({type(e).__name__}: {e})"
-            )
+            if code is None:
+                how = f"stopped answering ({type(e).__name__}: {e})"
+            elif code < 0:
+                how = f"was killed by signal {-code}" + (" (the out-of-memory killer?)" if code == -9 else "")
+            else:
+                how = f"exited with code {code}"
             raise ConversionError(f"a checking worker process (pid {proc.pid}) {how}") from None
         finally:
             self._idle.put(worker)  # even a dead one: the next chunk then fails at once instead of waiting

@@ -190,8 +190,9 @@ class ImageCollate:
         self.image_column = image_column
         self.label_column = label_column
         self.skipped = 0
+        self._crop = v2.RandomResizedCrop(self.size, antialias=True)  # its scale and ratio serve both paths
         if train:
-            geometry = [v2.RandomResizedCrop(self.size, antialias=True), v2.RandomHorizontalFlip()]
+            geometry = [self._crop, v2.RandomHorizontalFlip()]
         else:
             geometry = [v2.Resize((self.size, self.size), antialias=True)]
         # PIL path: geometry on the PIL image, then to tensor; the torchvision path calls the same geometry's
@@ -215,7 +216,7 @@ class ImageCollate:
         through torchvision's kernels (same parameters and results as the ``v2`` transforms)."""
         size = [self.size, self.size]
         if self.train:
-            top, left, h, w = T.RandomResizedCrop.get_params(img, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3))
+            top, left, h, w = T.RandomResizedCrop.get_params(img, self._crop.scale, self._crop.ratio)
             img = F.resized_crop_image(img, top, left, h, w, size=size, antialias=True)
             return F.horizontal_flip_image(img) if torch.rand(1) < 0.5 else img
         return F.resize_image(img, size, antialias=True)

@@ -82,9 +82,8 @@ def make_loader(
     if isinstance(uri_or_dataset, (str, os.PathLike)):
         if columns == "auto":
             columns = getattr(collate_fn, "columns", None)
-        if isinstance(columns, str) or not (
-            columns is None
-            or (isinstance(columns, (list, tuple)) and all(isinstance(c, str) for c in columns))
+        if not (
+            columns is None or isinstance(columns, (list, tuple)) and all(isinstance(c, str) for c in columns)
         ):
             raise TypeError(f"columns takes a list of column names, not {columns!r}")
         dataset = open_dataset(
