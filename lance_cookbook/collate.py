@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torchvision import transforms as T
-from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg, decode_png
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
@@ -134,10 +134,80 @@ def _row_name(rows: list[dict[str, Any]], position: int) -> str:
     return describe(position) if describe is not None else f"batch position {position}"
 
 
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+# PIL reads uncompressed 48/64-bit images (TIFF) through these raw modes keeping only each sample's high byte
+_RAW_16_BIT = {"RGB;16L": "<u2", "RGB;16B": ">u2", "RGB;16N": "=u2", "RGBA;16L": "<u2", "RGBA;16B": ">u2"}
+
+
+def _png_bit_depth(data: bytes) -> int | None:
+    """The bit depth in a PNG's header (IHDR is always the first chunk), or None for anything else."""
+    return data[24] if data[:8] == PNG_MAGIC and len(data) > 24 else None
+
+
+def _to_8_bits(samples: np.ndarray) -> np.ndarray:
+    """16-bit samples (any integer dtype; clipped to [0, 65535]) to uint8 as ``round(v / 257)``, which maps
+    65535 to 255 and is exact (``v + 128`` never lands on a tie)."""
+    return ((samples.astype(np.int64).clip(0, 65535) + 128) // 257).astype(np.uint8)
+
+
+def _raw_16_bit_samples(im: Image.Image, data: bytes) -> np.ndarray | None:
+    """``[H, W, C]`` uint16 samples of an uncompressed 16-bit colour image, read from ``data`` where PIL's
+    tiles say they are; None if PIL reads ``im`` any other way (compressed, planar, 8-bit)."""
+    if im.mode not in ("RGB", "RGBA") or not im.tile:
+        return None
+    out = None
+    for tile in im.tile:
+        args = tile.args if isinstance(tile.args, tuple) else (tile.args,)
+        packed_top_down = tuple(args[1:]) in ((), (0,), (0, 1))  # no padded stride, not bottom-up
+        if tile.codec_name != "raw" or args[0] not in _RAW_16_BIT or not packed_top_down:
+            return None
+        channels = len(args[0].split(";")[0])
+        if out is None:
+            out = np.empty((im.height, im.width, channels), np.uint16)
+        x0, y0, x1, y1 = tile.extents
+        count = (x1 - x0) * (y1 - y0) * channels
+        tile_samples = np.frombuffer(data, _RAW_16_BIT[args[0]], count, tile.offset)  # truncated: ValueError
+        out[y0:y1, x0:x1] = tile_samples.reshape(y1 - y0, x1 - x0, channels)
+    return out
+
+
 def _pil_to_rgb(data: bytes) -> Image.Image:
-    # alpha is dropped, not composited, exactly as torchvision's ImageReadMode.RGB does
+    """Encoded bytes to an RGB image as the ``ImageFolder`` loader (``Image.open(f).convert("RGB")``) shows
+    it, save for 16-bit samples; the reference both decoders of :class:`ImageCollate` follow.
+
+    The first frame of an animated image; alpha dropped, not composited (as ``ImageReadMode.RGB``); palette
+    transparency ignored; EXIF orientation ignored. 16-bit samples become ``round(v / 257)``, where
+    ``convert("RGB")`` saturates 16-bit grey to white (pytorch/vision#2218) and keeps only the high byte of
+    16-bit colour. Raises what PIL (or ``decode_png``) raises for bytes they cannot decode.
+    """
+    if _png_bit_depth(data) == 16:
+        # PIL has no 16-bit colour mode; libpng gives every sample (grey replicated, alpha dropped)
+        wide = decode_png(torch.frombuffer(data, dtype=torch.uint8), mode=ImageReadMode.RGB)
+        return Image.fromarray(_to_8_bits(wide.to(torch.int32).permute(1, 2, 0).numpy()))
     with Image.open(io.BytesIO(data)) as im:
+        if im.mode == "I" or im.mode.startswith("I;16"):  # 16-bit grey (PGM, TIFF) or 32-bit integer
+            return Image.fromarray(_to_8_bits(np.asarray(im))).convert("RGB")
+        wide = _raw_16_bit_samples(im, data)
+        if wide is not None:
+            return Image.fromarray(_to_8_bits(wide[..., :3]))
         return im.convert("RGB")
+
+
+def _fast_path(data: bytes) -> str:
+    """Which decoder of the ``"torchvision"`` path gets ``data``, from its header alone: ``"jpeg"`` (one
+    batched ``decode_jpeg``), ``"image"`` (``decode_image``) or ``"pil"`` (:func:`_pil_to_rgb`), for the
+    formats where torchvision's pixels differ from ``ImageFolder``'s or it cannot decode them."""
+    if data[:3] == JPEG_MAGIC:
+        return "jpeg"  # baseline, progressive, grey and (Adobe) CMYK all match PIL exactly
+    if data[:8] == PNG_MAGIC:
+        return "pil" if _png_bit_depth(data) == 16 else "image"  # torchvision gives 16-bit PNGs as uint16
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        animated = data[12:16] == b"VP8X" and len(data) > 20 and data[20] & 0x02
+        return "pil" if animated else "image"  # decode_webp refuses animations
+    # GIF: decode_image returns every frame and fills transparent pixels differently from PIL; BMP, TIFF and
+    # PNM: torchvision has no decoder
+    return "pil"
 
 
 class ImageCollate:
@@ -224,31 +294,39 @@ class ImageCollate:
     def _decode_pil(self, data: bytes) -> torch.Tensor:
         return self._pil_transform(_pil_to_rgb(data))
 
+    def _decode_one(self, data: bytes, path: str) -> torch.Tensor:
+        """One image as a uint8 ``[3, H, W]`` tensor, through torchvision where it gives ``ImageFolder``'s
+        pixels and through :func:`_pil_to_rgb` otherwise."""
+        if not data:
+            raise ValueError("empty image bytes")
+        if path != "pil":
+            try:
+                img = decode_image(torch.frombuffer(data, dtype=torch.uint8), mode=ImageReadMode.RGB)
+            except RuntimeError:
+                img = None  # a variant torchvision lacks (12-bit JPEG ...); PIL decodes it or names the fault
+            # a header the routing misread (uint16 or multi-frame result): PIL, never wrapped bytes or frames
+            if img is not None and img.dtype == torch.uint8 and img.shape[0] == 3 and img.dim() == 3:
+                return img
+        return v2.functional.pil_to_tensor(_pil_to_rgb(data))
+
     def _decode_torchvision(self, blobs: list[bytes]) -> list[torch.Tensor | Exception]:
         out: list[torch.Tensor | Exception | None] = [None] * len(blobs)
-        tensors = [torch.frombuffer(b, dtype=torch.uint8) if b else None for b in blobs]
-        jpegs = [i for i, b in enumerate(blobs) if b and b.startswith(JPEG_MAGIC)]
+        paths = [_fast_path(b) if b else "pil" for b in blobs]
+        jpegs = [i for i, path in enumerate(paths) if path == "jpeg"]
         if jpegs:
             try:
-                for i, img in zip(
-                    jpegs, decode_jpeg([tensors[i] for i in jpegs], mode=ImageReadMode.RGB), strict=True
-                ):
+                tensors = [torch.frombuffer(blobs[i], dtype=torch.uint8) for i in jpegs]
+                for i, img in zip(jpegs, decode_jpeg(tensors, mode=ImageReadMode.RGB), strict=True):
                     out[i] = img
             except RuntimeError:
                 pass  # one bad or unsupported JPEG fails the whole call: decode those one by one below
-        for i, b in enumerate(blobs):
-            if out[i] is not None:
-                continue
+        for i, (b, path) in enumerate(zip(blobs, paths, strict=True)):
+            # every step of one row inside its own try, so a fault anywhere names that row and obeys on_error
             try:
-                if not b:
-                    raise ValueError("empty image bytes")
-                try:
-                    out[i] = decode_image(tensors[i], mode=ImageReadMode.RGB)
-                except RuntimeError:
-                    out[i] = v2.functional.pil_to_tensor(_pil_to_rgb(b))  # formats torchvision lacks
+                out[i] = self._geometry(out[i] if out[i] is not None else self._decode_one(b, path))
             except Exception as e:  # noqa: BLE001 - reported per row by the caller
                 out[i] = e
-        return [img if isinstance(img, Exception) else self._geometry(img) for img in out]
+        return out
 
     def __call__(self, rows: list[dict[str, Any]]) -> Batch:
         blobs = [row[self.image_column] for row in rows]
