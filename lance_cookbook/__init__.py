@@ -6,7 +6,16 @@ The map-style recipe: ``SafeLanceDataset`` (batched ``take`` of raw image bytes)
 
 from .collate import Batch, DecodeError, ImageCollate
 from .data import default_data_dir, ensure_digits
-from .dataset import DatasetNotFound, LanceImageDataset, Rows, dataset_options, label_names, open_dataset
+from .dataset import (
+    DatasetNotFound,
+    EmptyDataset,
+    LanceImageDataset,
+    Rows,
+    dataset_options,
+    label_names,
+    latest_version,
+    open_dataset,
+)
 from .device import IMAGENET_MEAN, IMAGENET_STD, to_device
 from .loader import check_start_method, default_workers, make_loader
 from .models import SmallCNN, build_model
@@ -18,6 +27,7 @@ __all__ = [
     "Batch",
     "DecodeError",
     "DatasetNotFound",
+    "EmptyDataset",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "ImageCollate",
@@ -32,6 +42,7 @@ __all__ = [
     "default_workers",
     "ensure_digits",
     "label_names",
+    "latest_version",
     "make_loader",
     "open_dataset",
     "to_device",

@@ -3,17 +3,32 @@
 from __future__ import annotations
 
 import json
+import operator
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import lance
 from lance.torch.data import SafeLanceDataset
 
-__all__ = ["open_dataset", "LanceImageDataset", "Rows", "label_names", "dataset_options", "DatasetNotFound"]
+__all__ = [
+    "open_dataset",
+    "LanceImageDataset",
+    "Rows",
+    "label_names",
+    "dataset_options",
+    "DatasetNotFound",
+    "EmptyDataset",
+    "latest_version",
+]
 
 
 class DatasetNotFound(FileNotFoundError):
     """The URI does not hold a readable Lance dataset (or the requested version)."""
+
+
+class EmptyDataset(ValueError):
+    """A dataset that has no rows where rows are needed (training or evaluation); the message names it."""
 
 
 def dataset_options(version: int | str | None = None, storage_options: dict[str, str] | None = None) -> dict:
@@ -68,12 +83,18 @@ class Rows(list):
 
 
 class LanceImageDataset(SafeLanceDataset):
-    """``SafeLanceDataset`` whose batched read takes only ``columns``.
+    """``SafeLanceDataset`` whose batched read takes only ``columns`` and whose indices behave like a list's.
 
     ``__getitems__(indices)`` does one ``take`` of the listed columns and returns their rows as
     :class:`Rows` (a ``list[dict]``) in the order asked for, duplicates included; a decode error can still
     name the row's source file through ``Rows.describe``. ``columns=None`` reads every column, as
     ``SafeLanceDataset`` does. Opens lazily in each worker and pickles cheaply, like its parent.
+
+    Indices follow Python's sequence protocol: a negative index counts from the end, and one outside
+    ``[-len, len)`` raises ``IndexError`` naming the index, the length and the URI, so ``list(ds)`` and
+    ``for row in ds`` stop at the end. (Lance itself raises ``OSError`` past the end and ``OverflowError``
+    for a negative index.) Any integer type is accepted (``int``, numpy integers, 0-d integer tensors);
+    anything else raises ``TypeError``.
     """
 
     def __init__(
@@ -86,10 +107,30 @@ class LanceImageDataset(SafeLanceDataset):
         super().__init__(uri, dataset_options=dataset_options)
         self.columns = list(columns) if columns is not None else None
 
-    def __getitems__(self, indices: list[int]) -> Rows:
+    @property
+    def version(self) -> int | str | None:
+        """The version every worker reads (``open_dataset`` always pins one)."""
+        return self.dataset_options.get("version")
+
+    def _position(self, index: Any) -> int:
+        try:
+            i = operator.index(index)
+        except TypeError:
+            raise TypeError(f"dataset indices must be integers, not {type(index).__name__}") from None
+        n = self._len
+        if not -n <= i < n:
+            at = f" version {self.version}" if self.version is not None else ""
+            raise IndexError(f"index {i} is out of range for {n} rows of {self.uri!r}{at}")
+        return i + n if i < 0 else i
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> Rows:
+        positions = [self._position(i) for i in indices]
         if self._ds is None:
             self._ds = lance.dataset(self.uri, **self.dataset_options)
-        return Rows(self._ds.take(indices, columns=self.columns).to_pylist(), self, indices)
+        return Rows(self._ds.take(positions, columns=self.columns).to_pylist(), self, positions)
 
 
 def open_dataset(
@@ -102,12 +143,37 @@ def open_dataset(
     """:class:`LanceImageDataset` (a ``SafeLanceDataset``) over ``uri``, checked in the calling process.
 
     The dataset is opened here once (so a wrong path, or a column it lacks, fails now, naming the URI,
-    instead of inside a worker) and then lazily in each worker. ``version`` pins the rows: indices are row
-    positions of one version. ``storage_options`` (object-store credentials, endpoint) reach every worker
-    through ``dataset_options``. ``columns`` limits what each batch reads (default: every column).
+    instead of inside a worker) and then lazily in each worker.
+
+    Parameters
+    ----------
+    uri : str or os.PathLike
+        Local path or object-store URI (``s3://bucket/prefix.lance``).
+    version : int or str, optional
+        The version (number or tag) to read. Default: the latest version *at this call*, and that version
+        is pinned, so every worker reads exactly the rows ``len()`` counted even if another writer commits
+        (deletes, appends, overwrites) before the workers start. ``SafeLanceDataset`` alone would let each
+        worker open whatever is latest when it starts.
+    storage_options : dict, optional
+        Object-store credentials and endpoint; they reach every worker through ``dataset_options``.
+    columns : list of str, optional
+        What each batch reads (default: every column).
+
+    Returns
+    -------
+    LanceImageDataset
+        Its ``version`` attribute is the pinned version.
+
+    Raises
+    ------
+    DatasetNotFound
+        No readable Lance dataset (or no such version) at ``uri``.
+    KeyError
+        A name in ``columns`` is not a column of the dataset; the message lists those it has.
     """
     options = dataset_options(version, storage_options)
     ds = _open(uri, options)
+    options["version"] = ds.version  # pin what was opened (lance-spark#344: "latest" differs per worker)
     if columns is not None:
         missing = [c for c in columns if c not in ds.schema.names]
         if missing:
@@ -118,8 +184,19 @@ def open_dataset(
     return LanceImageDataset(os.fspath(uri), columns=columns, dataset_options=options)
 
 
-def label_names(uri: str | os.PathLike, *, storage_options: dict[str, str] | None = None) -> list[str]:
-    """Class names stored by ``data_prep.convert`` in the schema metadata (``label_names``, a JSON list)."""
-    ds = _open(uri, dataset_options(storage_options=storage_options))
+def latest_version(uri: str | os.PathLike, *, storage_options: dict[str, str] | None = None) -> int:
+    """The newest version number of the dataset at ``uri``; raises :class:`DatasetNotFound` naming it."""
+    return _open(uri, dataset_options(storage_options=storage_options)).version
+
+
+def label_names(
+    uri: str | os.PathLike,
+    *,
+    version: int | str | None = None,
+    storage_options: dict[str, str] | None = None,
+) -> list[str]:
+    """Class names stored by ``data_prep.convert`` in the schema metadata (``label_names``, a JSON list),
+    in class-index order; ``[]`` when the dataset stores none. Raises :class:`DatasetNotFound`."""
+    ds = _open(uri, dataset_options(version, storage_options))
     raw = (ds.schema.metadata or {}).get(b"label_names")
     return json.loads(raw) if raw else []

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from .collate import ImageCollate
 from .dataset import open_dataset
 
-__all__ = ["make_loader", "default_workers", "check_start_method"]
+__all__ = ["make_loader", "default_workers", "check_start_method", "ReentrantDataLoader"]
 
 
 def default_workers() -> int:
@@ -42,10 +42,67 @@ def check_start_method(context: str | Any) -> Any:
     return ctx
 
 
+class ReentrantDataLoader(DataLoader):
+    """A ``DataLoader`` whose persistent workers never serve two passes at once.
+
+    With ``persistent_workers=True`` a plain ``DataLoader`` keeps one iterator and ``iter(loader)`` resets
+    and returns it, so a second pass started while one is running (a full evaluation pass over the same
+    loader mid-epoch, ``zip(loader, loader)``) silently cuts the first short: both share one stream of
+    batches (torchrec#2327). Here only one pass at a time uses the persistent workers; a pass started while
+    another is still running gets a ``DataLoader`` of its own with short-lived workers (same dataset,
+    sampler, collate and options), so every pass yields every batch once. That pass pays the worker
+    start-up again (about 3 s for 2 spawn workers, ``../shared/GUIDE.md``). A pass ends when its iterator
+    is exhausted or dropped (``break`` out of the loop). Constructor arguments are ``DataLoader``'s.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._arguments = (args, kwargs)
+        self._pass_running = False
+
+    def __iter__(self):
+        if not (self.persistent_workers and self.num_workers > 0):
+            return super().__iter__()
+        if self._pass_running:
+            args, kwargs = self._arguments
+            return iter(DataLoader(*args, **{**kwargs, "persistent_workers": False}))
+        return _Pass(self, super().__iter__())
+
+
+class _Pass:
+    """One pass over a :class:`ReentrantDataLoader`'s persistent workers; marks the loader busy until the
+    pass is exhausted or the iterator is dropped."""
+
+    def __init__(self, loader: ReentrantDataLoader, iterator: Any):
+        self._loader = loader
+        self._iterator = iterator
+        loader._pass_running = True
+
+    def __iter__(self) -> _Pass:
+        return self
+
+    def __len__(self) -> int:
+        return len(self._iterator)
+
+    def __next__(self) -> Any:
+        try:
+            return next(self._iterator)
+        except BaseException:
+            self._end()
+            raise
+
+    def _end(self) -> None:
+        if self._loader is not None:
+            self._loader._pass_running = False
+            self._loader = None
+
+    __del__ = _end
+
+
 def make_loader(
     uri_or_dataset: str | os.PathLike | Dataset,
     *,
-    batch_size: int = 32,
+    batch_size: int | None = 32,
     num_workers: int | None = None,
     sampler: Sampler | None = None,
     shuffle: bool = False,
@@ -72,6 +129,11 @@ def make_loader(
       names in its ``columns`` attribute (:class:`ImageCollate`: image and label; the other columns cost
       Lance a fifth more per small image) and every column for a collate without one; ``None`` reads
       every column.
+    - Returns a :class:`ReentrantDataLoader`: with persistent workers (the default when
+      ``num_workers > 0``), a second pass started while one is running gets workers of its own instead
+      of silently sharing the first pass's batches.
+    - ``batch_size=None`` turns batching off as in ``DataLoader``: each item is one row, decoded by
+      ``ImageCollate`` into an unbatched ``(image [3, S, S], label [])``.
     - Pass ``sampler=DistributedSampler(...)`` for DDP training (call ``sampler.set_epoch(epoch)`` every
       epoch) or :class:`lance_cookbook.ShardSampler` for exactly-once evaluation.
     Other keyword arguments (``timeout``, ``prefetch_factor``, ``drop_last``, ``generator`` ...) go to
@@ -116,4 +178,4 @@ def make_loader(
     elif persistent_workers:
         raise ValueError("persistent_workers=True needs num_workers > 0")
     kwargs.update(dataloader_kwargs)
-    return DataLoader(dataset, **kwargs)
+    return ReentrantDataLoader(dataset, **kwargs)

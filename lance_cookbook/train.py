@@ -28,7 +28,7 @@ from torch.utils.data.distributed import DistributedSampler
 from data_prep.convert import add_storage_option_argument
 
 from .collate import ImageCollate
-from .dataset import label_names, open_dataset
+from .dataset import DatasetNotFound, EmptyDataset, label_names, latest_version, open_dataset
 from .device import IMAGENET_MEAN, IMAGENET_STD, to_device
 from .loader import make_loader
 from .models import MODELS, build_model
@@ -49,6 +49,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--augment", action="store_true", help="RandomResizedCrop + flip on the training set")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--metrics-out", type=Path, help="JSON file written by rank 0 after every epoch")
+    p.add_argument(
+        "--version",
+        type=int,
+        help="version of --train to read (default: the latest when the job starts, the same on every rank)",
+    )
+    p.add_argument(
+        "--val-version",
+        type=int,
+        help="version of --val to read (default: the latest when the job starts, the same on every rank)",
+    )
     add_storage_option_argument(
         p, "object-store option for both URIs (repeatable), e.g. aws_region=us-east-1"
     )
@@ -77,6 +87,44 @@ def all_sum(values: list[float], device: torch.device) -> list[float]:
     if dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.tolist()
+
+
+def agreed_versions(
+    uris: dict[str, str], requested: dict[str, int | None], storage_options: dict | None, rank: int
+) -> dict[str, int]:
+    """The dataset version each rank reads, decided once by rank 0 and broadcast before any rank opens
+    the data.
+
+    Each rank resolving "latest" itself can see a different version when a writer commits while the job
+    starts; ranks then disagree on the dataset length, run different numbers of steps and hang in a
+    gradient ``all_reduce``. ``requested`` maps a name (``"train"``) to a version number or ``None``
+    (latest). Raises :class:`DatasetNotFound` on every rank when rank 0 cannot open a URI.
+    """
+    decided: list = [None]
+    if rank == 0:
+        try:
+            decided[0] = {
+                name: requested[name]
+                if requested[name] is not None
+                else latest_version(uri, storage_options=storage_options)
+                for name, uri in uris.items()
+            }
+        except DatasetNotFound as e:
+            decided[0] = e
+    if dist.is_initialized():
+        dist.broadcast_object_list(decided, src=0)
+    if isinstance(decided[0], Exception):
+        raise decided[0]
+    return decided[0]
+
+
+def require_rows(dataset, role: str) -> None:
+    """Raise :class:`EmptyDataset` naming ``role``, the URI and the version when ``dataset`` has no rows:
+    training on nothing would otherwise report loss 0 and exit 0 with an untrained model."""
+    if len(dataset) == 0:
+        raise EmptyDataset(
+            f"the {role} set {dataset.uri!r} (version {dataset.version}) is empty: it has 0 rows"
+        )
 
 
 def order_digest(indices: list[int]) -> str:
@@ -112,12 +160,20 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         torch.manual_seed(args.seed)
         storage_options = dict(args.storage_option) or None
-        train_ds = open_dataset(args.train, storage_options=storage_options)
-        val_ds = open_dataset(args.val, storage_options=storage_options)
-        names = label_names(args.train, storage_options=storage_options)
+        versions = agreed_versions(
+            {"train": args.train, "val": args.val},
+            {"train": args.version, "val": args.val_version},
+            storage_options,
+            rank,
+        )
+        train_ds = open_dataset(args.train, version=versions["train"], storage_options=storage_options)
+        val_ds = open_dataset(args.val, version=versions["val"], storage_options=storage_options)
+        require_rows(train_ds, "training")
+        require_rows(val_ds, "evaluation")
+        names = label_names(args.train, version=versions["train"], storage_options=storage_options)
         num_classes = len(names) or (
             int(
-                lance.dataset(args.train, storage_options=storage_options)
+                lance.dataset(args.train, version=versions["train"], storage_options=storage_options)
                 .to_table(columns=["label"])["label"]
                 .to_numpy()
                 .max()
@@ -154,10 +210,17 @@ def main(argv: list[str] | None = None) -> dict:
         )
         loss_fn = nn.CrossEntropyLoss()
         log(
-            f"world size {world} on {device}; {len(train_ds):,} train / {len(val_ds):,} val rows, "
+            f"world size {world} on {device}; {len(train_ds):,} train rows (version {versions['train']}) / "
+            f"{len(val_ds):,} val rows (version {versions['val']}), "
             f"{num_classes} classes, model {args.model}, {args.workers} worker(s) per process"
         )
-        metrics: dict = {"world_size": world, "model": args.model, "label_names": names, "epochs": []}
+        metrics: dict = {
+            "world_size": world,
+            "model": args.model,
+            "label_names": names,
+            "versions": versions,
+            "epochs": [],
+        }
         for epoch in range(args.epochs):
             sampler.set_epoch(epoch)  # a new order each epoch, the same on every rank
             digest = order_digest(list(sampler))
@@ -200,5 +263,15 @@ def main(argv: list[str] | None = None) -> dict:
             dist.destroy_process_group()
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """``main`` for the command line: a bad or empty dataset ends in one ``error:`` line and exit 2."""
+    try:
+        main(argv)
+    except (DatasetNotFound, EmptyDataset) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(cli(sys.argv[1:]))

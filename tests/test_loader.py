@@ -186,3 +186,76 @@ def test_columns_follow_the_collate_and_a_string_is_refused(id_dataset):
     ]
     with pytest.raises(TypeError, match="a list of column names, not 'image'"):
         make_loader(id_dataset, num_workers=0, columns="image")
+
+
+def row_ids(rows: list[dict]) -> list[int]:
+    """A collate that keeps only the ``id`` column: module level, so spawn workers can unpickle it."""
+    return [r["id"] for r in rows]
+
+
+@pytest.fixture
+def twelve_rows(tmp_path):
+    """12 rows (``id`` 0-11) in 3 fragments of at most 5, as in the ddp-index-bounds report."""
+    import lance
+    import pyarrow as pa
+
+    uri = str(tmp_path / "twelve.lance")
+    lance.write_dataset(pa.table({"id": list(range(12))}), uri, max_rows_per_file=5)
+    return uri
+
+
+def test_indices_behave_like_a_list(twelve_rows):
+    ds = open_dataset(twelve_rows, columns=["id"])
+    assert len(ds) == 12
+    assert ds[-1] == {"id": 11} and ds[-12] == {"id": 0}
+    assert [r["id"] for r in list(ds)] == list(range(12))  # iteration stops at IndexError
+    for bad in (12, -13, 10**6):
+        with pytest.raises(IndexError, match=rf"index {bad} is out of range for 12 rows of .*twelve.lance"):
+            ds[bad]
+    assert ds[torch.tensor(3)] == {"id": 3}
+    with pytest.raises(TypeError, match="integers, not float"):
+        ds[1.0]
+
+
+def test_a_sampler_index_past_the_end_names_index_and_length(twelve_rows):
+    loader = make_loader(twelve_rows, batch_size=2, num_workers=0, sampler=[0, 989], collate_fn=row_ids)
+    with pytest.raises(IndexError, match="index 989 is out of range for 12 rows"):
+        list(loader)
+    negative = make_loader(twelve_rows, batch_size=2, num_workers=0, sampler=[-1, 0], collate_fn=row_ids)
+    assert list(negative) == [[11, 0]]
+
+
+@pytest.mark.parametrize("change", ["delete", "overwrite"])
+def test_workers_read_the_version_open_dataset_opened(tmp_path, change):
+    import lance
+    import pyarrow as pa
+
+    uri = str(tmp_path / "d.lance")
+    lance.write_dataset(pa.table({"id": list(range(40))}), uri, max_rows_per_file=16)
+    ds = open_dataset(uri, columns=["id"])
+    assert ds.version == 1
+    if change == "delete":  # another writer commits after the training code opened the data
+        lance.dataset(uri).delete("id < 10")
+    else:
+        lance.write_dataset(pa.table({"id": list(range(100, 130))}), uri, mode="overwrite")
+    loader = make_loader(ds, batch_size=4, num_workers=1, collate_fn=row_ids, shuffle=True)
+    assert sorted(i for batch in loader for i in batch) == list(range(40))
+    by_uri = make_loader(uri, batch_size=8, num_workers=0, collate_fn=row_ids, columns=["id"])
+    assert by_uri.dataset.version == 2 and len(by_uri.dataset) == 30
+
+
+def test_a_second_pass_while_one_runs_sees_every_row(id_dataset):
+    loader = make_loader(id_dataset, batch_size=8, num_workers=1, collate_fn=row_ids, columns=["id"])
+    assert loader.persistent_workers
+    outer, inner = [], []
+    for step, batch in enumerate(loader):
+        outer += batch
+        if step == 1:  # e.g. measuring accuracy over the same loader mid-epoch
+            inner = [i for b in loader for i in b]
+    assert sorted(outer) == sorted(inner) == list(range(53))
+    pairs = list(zip(loader, loader, strict=True))
+    assert sorted(i for a, _ in pairs for i in a) == sorted(i for _, b in pairs for i in b) == list(range(53))
+    for step, _ in enumerate(loader):  # a pass left early frees the persistent workers for the next
+        if step == 0:
+            break
+    assert sorted(i for b in loader for i in b) == list(range(53))

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -93,3 +94,74 @@ def test_evaluation_is_exactly_once_for_any_world_size(small, tmp_path, world):
     assert all(r == results[0] for r in results)  # all_reduce: every rank holds the totals
     correct, seen = results[0]
     assert seen == 51 and 0 <= correct <= 51
+
+
+def test_empty_training_or_evaluation_set_is_a_clear_error(small, tmp_path, capsys):
+    import lance
+
+    from lance_cookbook.train import cli
+
+    train, val = small
+    empty = str(tmp_path / "empty.lance")
+    lance.write_dataset(lance.dataset(train).to_table().slice(0, 0), empty)
+    for args, role in (
+        (["--train", empty, "--val", val], "training"),
+        (["--train", train, "--val", empty], "evaluation"),
+    ):
+        assert cli([*args, "--epochs", "1", "--workers", "0"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == f"error: the {role} set {empty!r} (version 1) is empty: it has 0 rows"
+
+
+def test_version_pins_the_rows_trained_on_and_is_recorded(small, tmp_path):
+    import lance
+
+    train, val = small
+    grown = str(tmp_path / "grown.lance")
+    rows = lance.dataset(train).to_table()
+    lance.write_dataset(rows, grown)
+    lance.write_dataset(rows.slice(0, 40), grown, mode="append")  # version 2: 141 rows
+    common = ["--val", val, "--epochs", "1", "--batch-size", "32", "--workers", "0"]
+    pinned = train_main(["--train", grown, "--version", "1", *common])
+    latest = train_main(["--train", grown, *common])
+    assert pinned["versions"]["train"] == 1 and pinned["epochs"][0]["train_samples_seen"] == 101
+    assert latest["versions"]["train"] == 2 and latest["epochs"][0]["train_samples_seen"] == 141
+    assert latest["versions"]["val"] == 1
+
+
+def test_ranks_read_one_version_while_a_writer_commits(small, tmp_path):
+    """Rank 0 decides the version and broadcasts it: ranks that each opened "latest" while a writer
+    appended saw different lengths and hung in a gradient all_reduce until killed."""
+    import threading
+
+    import lance
+
+    train, val = small
+    live = str(tmp_path / "live.lance")
+    rows = lance.dataset(train).to_table()
+    lance.write_dataset(rows, live)
+    stop = threading.Event()
+
+    def writer():
+        while not stop.is_set():
+            lance.write_dataset(rows.slice(0, 3), live, mode="append")
+            time.sleep(0.02)
+
+    metrics = tmp_path / "metrics.json"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "lance_cookbook.train", "--train", live, "--val", val, "--epochs", "1",
+        "--batch-size", "16", "--workers", "0", "--metrics-out", str(metrics),
+    ]  # fmt: skip
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    try:
+        subprocess.run(cmd, check=True, env=child_env(), timeout=300)
+    finally:
+        stop.set()
+        thread.join()
+    result = json.loads(metrics.read_text())
+    version = result["versions"]["train"]
+    assert version > 1  # the writer committed before rank 0 resolved "latest"
+    n = lance.dataset(live, version=version).count_rows()
+    assert result["epochs"][0]["train_samples_seen"] == n + n % 2  # DistributedSampler pads to 2 equal shards
