@@ -32,7 +32,7 @@ import sys
 import threading
 import time
 import warnings
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -88,7 +88,7 @@ class Source:
     label_names: list[str]
     description: str
     total: int | None = None
-    warnings: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # e.g. links not followed; shown with the summary
 
 
 @dataclass
@@ -101,6 +101,8 @@ class Summary:
     seconds: float
     version: int
     skipped: list[str]
+    unlabelled: int = 0  # rows with label -1 (no label in the source, e.g. a hub test split)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def images_per_s(self) -> float:
@@ -113,8 +115,13 @@ class Summary:
             f"{self.image_bytes / 1e6:,.1f} MB of image bytes{disk}, {self.seconds:.1f} s "
             f"({self.images_per_s:,.0f} images/s)"
         )
+        if self.unlabelled:
+            some = "all" if self.unlabelled == self.rows else f"{self.unlabelled:,} of"
+            line += f"\nunlabelled: {some} {self.rows:,} rows have label -1 (the source gives no label)"
         if self.skipped:
             line += f"\nskipped {len(self.skipped)} invalid image(s):\n  " + "\n  ".join(self.skipped)
+        if self.warnings:
+            line += "\nnote:\n  " + "\n  ".join(self.warnings)
         return line
 
 
@@ -148,52 +155,156 @@ def digits_source(split: str | None = None) -> Source:
     return Source(records(), names, f"scikit-learn digits ({split})", total=len(chosen))
 
 
-def _class_folders(root: Path) -> list[str]:
-    return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+def printable(text: str) -> str:
+    """``text`` as valid UTF-8: the bytes of a file name that is not UTF-8 (which ``os.fsdecode`` turned into
+    lone surrogates) are written ``\\xNN``, as Python's ``backslashreplace`` does."""
+    if text.isascii():
+        return text
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _ignored(name: str) -> bool:
+    # Hidden entries (.git, .ipynb_checkpoints, macOS's ._x.jpg resource forks) and the __MACOSX folder a
+    # macOS zip adds are never images of the dataset; ImageFolder would make a class of them and fail on them.
+    return name.startswith(".") or name == "__MACOSX"
+
+
+def _unfollowed(real: str, root_real: str, seen: set[str]) -> str | None:
+    """Why a link resolving to ``real`` is not followed (None: follow it), ``root_real`` being the source
+    folder's real path and ``seen`` the real paths already walked or linked to."""
+    if real == root_real or root_real.startswith(real.rstrip(os.sep) + os.sep):
+        return "it leads back to the source folder or above it (a loop)"
+    if real.startswith(root_real + os.sep):
+        # its target is listed at its own place, under its own class: following it would list it twice
+        return f"it leads to {printable(os.path.relpath(real, root_real))} inside the source folder"
+    if real in seen:
+        return "it leads to a file or folder already listed (a loop or a duplicate)"
+    return None
+
+
+def _walk(
+    top: str, top_real: str, root_real: str, seen: set[str], notes: list[str]
+) -> list[tuple[str, list]]:
+    """``(folder, [(file name, problem | None), ...])`` for ``top`` and every folder under it, in the order
+    of torchvision's ``sorted(os.walk(top, followlinks=True))``, names sorted within each folder.
+    ``seen``: real paths already listed, updated.
+
+    Hidden entries and ``__MACOSX`` are left out. Links are followed (as ImageFolder does) unless
+    :func:`_unfollowed` says otherwise; each link not followed is described in ``notes``. An unreadable
+    folder is one entry named ``""`` whose problem says why; a file that is not a regular file (a broken
+    link, a pipe) has its problem set too, so the check never blocks on reading it.
+    """
+    found: list[tuple[str, list]] = []
+    stack = [(top, top_real)]
+    while stack:
+        folder, real = stack.pop()
+        seen.add(real)
+        try:
+            with os.scandir(folder) as it:
+                # in name order, so which of two links to one target is followed never depends on the disk
+                entries = sorted(it, key=lambda entry: entry.name)
+        except OSError as e:
+            found.append((folder, [("", f"cannot read folder: {e.strerror or e}")]))
+            continue
+        # Only links lead out of the tree: out there, every entry is checked against what was listed
+        outside = real != root_real and not real.startswith(root_real + os.sep)
+        files = []
+        for entry in entries:
+            if _ignored(entry.name):
+                continue
+            link = entry.is_symlink()
+            target = os.path.realpath(entry.path) if link else os.path.join(real, entry.name)
+            if link or outside:
+                why = _unfollowed(target, root_real, seen)
+                if why is not None:
+                    notes.append(f"{printable(entry.path)} not followed: {why}")
+                    continue
+                seen.add(target)
+            try:
+                is_dir = entry.is_dir()
+                regular = is_dir or entry.is_file()
+            except OSError:
+                is_dir = regular = False
+            if is_dir:
+                stack.append((entry.path, target))
+                continue
+            problem = None
+            if not regular:
+                problem = "broken link" if link else "not a regular file"
+            files.append((entry.name, problem))
+        found.append((folder, files))
+    found.sort(key=lambda item: item[0])
+    return found
 
 
 def imagefolder_source(root: str | os.PathLike) -> Source:
-    """``root/<class>/**/<image>`` in torchvision ``ImageFolder`` order: sorted classes, sorted files.
+    """``root/<class>/**/<image>`` in torchvision ``ImageFolder`` order: sorted class folders, then, inside
+    each, ``sorted(os.walk(class_folder, followlinks=True))`` with each folder's files sorted.
 
-    Hidden files are ignored; any other file whose extension is not an image extension is reported as
-    invalid (so a stray ``notes.txt`` is not silently dropped); an empty class folder is an error.
+    Hidden files and folders and ``__MACOSX`` folders are ignored. Any other file whose extension is not an
+    image extension is reported as invalid (so a stray ``notes.txt`` is not silently dropped), and so is an
+    unreadable folder. Links are followed like ImageFolder does, except those leading back to the source
+    folder or above it (loops), to anything inside it (listed at its own place already) or to a target
+    already listed: those are listed in the source's ``warnings``. File names that are not UTF-8 are read
+    as they are and shown (``source`` column, messages) with their odd bytes as ``\\xNN``.
+
+    Raises :class:`ConversionError` when ``root`` is not a readable folder, holds no class folder, a class
+    folder is a link that is not followed, or a class folder holds no files.
     """
     root = Path(root)
     if not root.exists():
-        raise ConversionError(f"imagefolder: source folder {root} does not exist")
+        raise ConversionError(f"imagefolder: source folder {printable(str(root))} does not exist")
     if not root.is_dir():
-        raise ConversionError(f"imagefolder: source {root} is not a folder")
-    classes = _class_folders(root)
+        raise ConversionError(f"imagefolder: source {printable(str(root))} is not a folder")
+    try:
+        classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not _ignored(e.name))
+    except OSError as e:
+        where = printable(str(root))
+        raise ConversionError(f"imagefolder: {where}: cannot read folder: {e.strerror or e}") from None
     if not classes:
-        raise ConversionError(f"imagefolder: {root} holds no class folders (expected {root}/<class>/<image>)")
+        raise ConversionError(
+            f"imagefolder: {printable(str(root))} holds no class folders (expected {root}/<class>/<image>)"
+        )
+    root_real = os.path.realpath(root)
+    seen: set[str] = set()
+    notes: list[str] = []
     # Relative paths as plain strings, one list for all classes: Path objects cost ~5x the memory and time.
     rels: list[str] = []
+    problems: dict[int, str] = {}  # position in rels -> what is wrong with it (rare)
     ends: list[int] = []  # ends[label]: one past the class's last entry in rels
     for name in classes:
         top = str(root / name)
+        top_real = os.path.realpath(top)
+        if os.path.islink(top) and (why := _unfollowed(top_real, root_real, seen)) is not None:
+            raise ConversionError(f"imagefolder: class folder {printable(top)} is a link not followed: {why}")
         before = len(rels)
-        for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for dirpath, files in _walk(top, top_real, root_real, seen, notes):
             folder = name + dirpath[len(top) :].replace(os.sep, "/")
-            rels += [f"{folder}/{f}" for f in sorted(filenames) if not f.startswith(".")]
+            for file, problem in files:
+                if problem is not None:
+                    problems[len(rels)] = problem
+                rels.append(f"{folder}/{file}")
         if len(rels) == before:
-            raise ConversionError(f"imagefolder: class folder {root / name} holds no files")
+            raise ConversionError(f"imagefolder: class folder {printable(top)} holds no files")
         ends.append(len(rels))
     base = str(root)
+    expected = ", ".join(IMAGE_EXTENSIONS)
 
     def records() -> Iterator[Record]:
         start = 0
         for label, end in enumerate(ends):
-            for rel in itertools.islice(rels, start, end):
-                problem = None
-                if not rel.lower().endswith(IMAGE_EXTENSIONS):
+            for i in range(start, end):
+                rel = rels[i]
+                problem = problems.get(i)
+                if problem is None and not rel.lower().endswith(IMAGE_EXTENSIONS):
                     suffix = PurePosixPath(rel).suffix
-                    expected = ", ".join(IMAGE_EXTENSIONS)
                     problem = f"unsupported extension {suffix or '(none)'!r} (expected one of {expected})"
-                yield Record(source=rel, label=label, path=os.path.join(base, rel), problem=problem)
+                path = os.path.join(base, rel)
+                yield Record(source=printable(rel), label=label, path=path, problem=problem)
             start = end
 
-    return Source(records(), classes, f"image folder {root}", total=len(rels))
+    names = [printable(c) for c in classes]
+    return Source(records(), names, f"image folder {printable(base)}", total=len(rels), warnings=notes)
 
 
 SPLIT_ALIASES = {"val": "validation", "valid": "validation", "dev": "validation", "validation": "val"}
@@ -206,7 +317,16 @@ def hf_source(
 
     The image column is cast to ``Image(decode=False)`` so the original encoded bytes are kept (for local
     files ``bytes`` is empty and the file at ``path`` is read instead). Columns are found from the features
-    (``Image``, ``ClassLabel``) unless named.
+    (the first ``Image``; the first ``ClassLabel``, else a column named ``label``) unless named.
+
+    Labels: a ``ClassLabel`` keeps its indices and names; a string column is mapped to the position of each
+    name among the sorted distinct names (as ImageFolder sorts its class folders), which become the label
+    names; an integer column is kept as is, without names. A missing label (``None``, or HF's ``-1``) is
+    stored as -1 and counted as unlabelled, so an unlabelled test split converts. A row without an image or
+    with a label outside the class names is an invalid record naming the row.
+
+    Raises :class:`ConversionError` when the dataset, split or columns cannot be found, or the label column
+    holds another type (floats, lists...).
     """
     import datasets
 
@@ -224,9 +344,7 @@ def hf_source(
             ds = datasets.load_dataset(str(local) if local.exists() else name, split=alias)
         except ValueError:
             raise ConversionError(f"hf:{name}: {e}") from None
-    except FileNotFoundError as e:
-        raise ConversionError(f"hf:{name}: {e}") from None
-    except datasets.exceptions.DatasetNotFoundError as e:
+    except (FileNotFoundError, datasets.exceptions.DatasetsError) as e:
         raise ConversionError(f"hf:{name}: {e}") from None
 
     features = ds.features
@@ -234,7 +352,8 @@ def hf_source(
         (k for k, f in features.items() if isinstance(f, datasets.Image)), None
     )
     label_column = label_column or next(
-        (k for k, f in features.items() if isinstance(f, datasets.ClassLabel)), None
+        (k for k, f in features.items() if isinstance(f, datasets.ClassLabel)),
+        "label" if "label" in features else None,
     )
     for what, col in (("image", image_column), ("label", label_column)):
         if col is None or col not in features:
@@ -243,22 +362,52 @@ def hf_source(
                 f"name it with --{what}-column"
             )
     label_feature = features[label_column]
-    names = list(label_feature.names) if isinstance(label_feature, datasets.ClassLabel) else []
+    dtype = getattr(label_feature, "dtype", None) if isinstance(label_feature, datasets.Value) else None
+    by_name: dict[str, int] | None = None
+    if isinstance(label_feature, datasets.ClassLabel):
+        names = list(label_feature.names)
+    elif dtype in ("string", "large_string"):
+        names = sorted(v for v in ds.unique(label_column) if v is not None)
+        by_name = {n: i for i, n in enumerate(names)}
+    elif dtype is not None and dtype.startswith(("int", "uint")):
+        names = []
+    else:
+        raise ConversionError(
+            f"hf:{name}: label column {label_column!r} holds {label_feature}; expected a ClassLabel, "
+            "integers or strings (name another with --label-column)"
+        )
     if isinstance(features[image_column], datasets.Image):
         ds = ds.cast_column(image_column, datasets.Image(decode=False))
     ds = ds.select_columns([image_column, label_column])
+
+    def record(where: str, image, label) -> Record:
+        if label is None:
+            label = -1
+        elif by_name is not None:
+            label = by_name[label]
+        problem = None
+        if label < -1 or (names and label >= len(names)):
+            problem = f"label {label} is not -1 (no label) nor one of the {len(names)} class indices"
+            label = -1
+        data = path = None
+        if isinstance(image, dict):
+            data, path = image.get("bytes") or None, image.get("path") or None
+        elif isinstance(image, str):
+            path = image
+        elif isinstance(image, bytes | bytearray | memoryview):
+            data = bytes(image) or None
+        elif image is not None:
+            problem = f"column {image_column!r} holds a {type(image).__name__}, not an image"
+        if data is None and path is None:
+            problem = problem or f"no image (column {image_column!r} is empty in this row)"
+        source = printable(path) if (path and not data) else where
+        return Record(source=source, label=int(label), data=data, path=path, problem=problem)
 
     def records() -> Iterator[Record]:
         row = 0
         for batch in ds.iter(batch_size=256):
             for image, label in zip(batch[image_column], batch[label_column], strict=True):
-                where = f"hf:{name}[{split}] row {row}"
-                if isinstance(image, dict):
-                    data, path = image.get("bytes"), image.get("path")
-                    source = path if (path and not data) else where
-                    yield Record(source=source, label=int(label), data=data or None, path=path)
-                else:
-                    yield Record(source=where, label=int(label), data=bytes(image))
+                yield record(f"hf:{name}[{split}] row {row}", image, label)
                 row += 1
 
     return Source(records(), names, f"hf:{name} ({split})", total=len(ds))
@@ -522,7 +671,7 @@ def _batches(
             cols["width"].append(result[0])
             cols["height"].append(result[1])
             stats["image_bytes"] += len(data)
-            stats["labels"].add(record.label)
+            stats["labels"][record.label] += 1
             rows += 1
         if cols["id"]:
             yield pa.RecordBatch.from_pydict(cols, schema=SCHEMA)
@@ -622,7 +771,7 @@ def convert(
 
     src = source if isinstance(source, Source) else open_source(source, split, image_column, label_column)
     skipped: list[str] = []
-    stats = {"image_bytes": 0, "labels": set()}
+    stats = {"image_bytes": 0, "labels": Counter()}  # rows per label
     failure: list[BaseException] = []
     # The generator runs on lance's reader thread. Once this thread fails (an interrupt arrives here, not
     # there) it must stop and be out of our code before we return: Python code still running on a foreign
@@ -648,8 +797,10 @@ def convert(
     # New local datasets are built beside the destination and renamed into place when complete.
     staging = None
     target = uri
+    made: list[Path] = []  # folders created for the output, removed again if the conversion fails
     if not remote and not exists:
         dest = Path(uri)
+        made = [p for p in dest.absolute().parents if not p.exists()]
         dest.parent.mkdir(parents=True, exist_ok=True)
         staging = dest.parent / f".{dest.name}.partial-{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)
@@ -705,7 +856,12 @@ def convert(
                 pool = None
         else:
             raise ConversionError(f"unknown engine {engine!r} (choose local or ray)")
-        info = {"source": src.description, "skipped": skipped}
+        info = {
+            "source": src.description,
+            "skipped": skipped,
+            "unlabelled": stats["labels"][-1],
+            "warnings": src.warnings,
+        }
         schema = SCHEMA.with_metadata(
             {LABEL_NAMES_KEY: json.dumps(src.label_names).encode(), METADATA_KEY: json.dumps(info).encode()}
         )
@@ -740,6 +896,11 @@ def convert(
         finally:  # even if a second Ctrl-C arrives while stopping
             if staging is not None:
                 shutil.rmtree(staging, ignore_errors=True)
+            for folder in made:  # deepest first
+                try:
+                    folder.rmdir()
+                except OSError:
+                    pass  # not empty: something else wrote there meanwhile
         if failure and failure[0] is not e:
             raise failure[0] from None
         raise
@@ -751,12 +912,14 @@ def convert(
     return Summary(
         output=uri,
         rows=ds.count_rows(),
-        classes=len(src.label_names) or len(stats["labels"]),
+        classes=len(src.label_names) or sum(1 for label in stats["labels"] if label >= 0),
         image_bytes=stats["image_bytes"],
         disk_bytes=None if remote else dir_bytes(uri)[0],
         seconds=seconds,
         version=ds.version,
         skipped=skipped,
+        unlabelled=stats["labels"][-1],
+        warnings=src.warnings,
     )
 
 

@@ -118,9 +118,10 @@ def write_fragments_ray(
 
     Same contract as the local path of :func:`data_prep.convert.convert`: raises :class:`InvalidImage` for
     the first invalid record (in source order) unless ``skip_invalid``, which appends it to ``skipped``
-    instead; fills ``stats`` (``image_bytes``, ``labels``); raises :class:`ConversionError` when no row is
-    valid. At most ``max_in_flight`` blocks (default: twice the cluster's CPUs) are checked at a time, so
-    the driver and the object store hold a bounded part of the source however large it is.
+    instead; fills ``stats`` (``image_bytes``, ``labels``: a Counter of rows per label); raises
+    :class:`ConversionError` when no row is valid. At most ``max_in_flight`` blocks (default: twice the
+    cluster's CPUs) are checked at a time, so the driver and the object store hold a bounded part of the
+    source however large it is.
     """
     import ray
 
@@ -176,7 +177,7 @@ def write_fragments_ray(
                         break
                     label, n_bytes = outcome
                     stats["image_bytes"] += n_bytes
-                    stats["labels"].add(label)
+                    stats["labels"][label] += 1
                     taken += 1
                     taken_bytes += n_bytes
                     rows += 1
