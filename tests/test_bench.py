@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import lance
@@ -17,6 +18,8 @@ import torch
 from PIL import Image
 
 from lance_cookbook import ImageCollate, LanceImageDataset, bench, synthetic
+from lance_cookbook.bench import measure
+from lance_cookbook.disk_usage import dir_bytes
 
 OPTIONS = [
     "--imagefolder",
@@ -173,8 +176,8 @@ def test_bench_quick_every_loader(tmp_path, capsys):
     assert report["storage"]["lance_bytes"] > 0 and report["storage"]["imagefolder_bytes"] > 0
     assert report["hf_prepare"]["rows"] == 192
     assert {t["ratio"] for t in report["targets"]} >= {
-        "lance_ours/imagefolder_pil",
-        "lance_ours/imagefolder_tv",
+        "lance_tv_uint8/imagefolder_pil",
+        "lance_tv_uint8/imagefolder_tv",
     }
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for label in bench.LOADERS.values():
@@ -193,7 +196,7 @@ def test_bench_cli_spawn_workers(tmp_path):
     assert set(report["loaders"]) == {"hf_datasets", "lance_arrow"}
     for res in report["loaders"].values():
         assert res["images_per_s"] > 0 and res["startup_s"] > 0
-        assert len(res["worker_peak_rss_mb"]) == 1 and res["worker_peak_rss_mb"][0] > 0
+        assert len(res["worker_peak_rss_mib"]) == 1 and res["worker_peak_rss_mib"][0] > 0
         assert res["worker_cpu_us"] > 0  # the worker decoded: its CPU time is counted
     assert "images/s" in proc.stdout
 
@@ -217,3 +220,27 @@ def test_breakdown_times_every_step_even_on_a_tiny_dataset(tmp_path):
     steps = bench.breakdown(uri, files, list(range(10))[::-1], size=8, batch_size=4, images=10)
     assert [s["step"] for s in steps][1] == "Lance take, runs of 10 contiguous rows"  # fewer rows than 16
     assert len(steps) == 10 and all(s["cpu_us_per_image"] > 0 for s in steps), steps
+
+
+def test_process_figures_through_psutil(tmp_path):
+    assert measure.cpu_seconds() > 0 and measure.rss_bytes() > 0
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import sys; b = b'x' * (64 << 20); sys.stdin.read()"], stdin=subprocess.PIPE
+    )
+    try:
+        with measure.PeakRSS(lambda: [None, child.pid], interval=0.005) as rss:
+            deadline = time.monotonic() + 60
+            while (measure.rss_bytes(child.pid) or 0) < 64 * measure.MiB and time.monotonic() < deadline:
+                time.sleep(0.01)  # the child writes its 64 MiB
+    finally:
+        child.communicate(b"")
+    assert rss.peaks[child.pid] >= 64 * measure.MiB and rss.peaks[None] > 0
+    assert measure.cpu_seconds(child.pid) is None and measure.rss_bytes(child.pid) is None  # gone: unknown
+
+
+def test_dir_bytes_counts_apparent_and_allocated(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.bin").write_bytes(b"x" * 1000)
+    (tmp_path / "y.bin").write_bytes(b"y" * 5000)
+    apparent, allocated = dir_bytes(tmp_path)
+    assert apparent == 6000 and allocated > 0 and allocated % 512 == 0

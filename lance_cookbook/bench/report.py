@@ -1,0 +1,133 @@
+"""The benchmark's report: ratios between loaders against the targets, the table on stdout, the bar chart."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .candidates import BOUNDS
+from .measure import MiB
+
+__all__ = ["format_table", "plot", "ratios_and_targets"]
+
+
+def ratios_and_targets(report: dict[str, Any]) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Ratios of images/s between loaders, and the targets the recipe aims at (met or not)."""
+    rate = {k: v["images_per_s"] for k, v in report.get("loaders", {}).items()}
+    ratios: dict[str, float] = {}
+    for num in ("lance_tv_uint8", "lance_all_columns", "lance_arrow", "lance_pil_float32", "imagefolder_tv"):
+        for den in ("imagefolder_pil", "imagefolder_tv", "bound_tv", "bound_pil", "hf_datasets"):
+            if num != den and rate.get(num) and rate.get(den):
+                ratios[f"{num}/{den}"] = rate[num] / rate[den]
+    small = all(max(s) <= 64 for s in report["imagefolder"]["sample_sizes"])
+    wanted = (
+        [("lance_tv_uint8/imagefolder_pil", 4.0), ("lance_tv_uint8/imagefolder_tv", 1.5)]
+        if small
+        else [("lance_tv_uint8/imagefolder_pil", 2.0), ("lance_tv_uint8/bound_tv", 0.9)]
+    )
+    targets = [
+        {"ratio": name, "value": ratios.get(name), "target": goal, "met": (ratios.get(name) or 0) >= goal}
+        for name, goal in wanted
+    ]
+    conv = report.get("conversion")
+    if small and conv:
+        rate_ = conv["images_per_s"]
+        targets.append(
+            {"ratio": "conversion images/s", "value": rate_, "target": 10_000, "met": rate_ >= 10_000}
+        )
+    return ratios, targets
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The report as the table ``python -m lance_cookbook.bench`` prints."""
+    cfg, stats = report["config"], report["imagefolder"]
+    sizes = ", ".join(f"{w}x{h}" for w, h in stats["sample_sizes"][:3])
+    lines = [
+        f"{stats['images']:,} JPEGs ({sizes}; {stats['mean_image_bytes'] / 1024:,.1f} KiB each) -> "
+        f"{cfg['image_size']}x{cfg['image_size']}, batch {cfg['batch_size']}, "
+        f"{cfg['workers']} spawn workers, best of {cfg['timed_rounds']} timed epoch(s) after a warm-up",
+        "",
+    ]
+    loaders = report.get("loaders", {})
+    base = loaders.get("imagefolder_pil", {}).get("images_per_s")
+    bound = loaders.get("bound_tv", {}).get("images_per_s")
+    head = f"{'loader':48s} {'images/s':>9s} {'x (b)':>6s} {'x tv bnd':>8s} {'start s':>7s} "
+    head += f"{'main MiB':>8s} {'wrk MiB':>7s} {'CPU us/img main':>15s} {'wrk':>5s}"
+    lines += [head, "-" * len(head)]
+    for res in loaders.values():
+        rate = res["images_per_s"]
+        workers = res["worker_peak_rss_mib"]
+        lines.append(
+            f"{res['label']:48s} {rate:9,.0f} "
+            f"{rate / base if base else float('nan'):6.2f} {rate / bound if bound else float('nan'):8.2f} "
+            f"{res['startup_s'] if res['key'] not in BOUNDS else float('nan'):7.2f} "
+            f"{res['main_peak_rss_mib'] or float('nan'):8.0f} "
+            f"{max(workers) if workers else float('nan'):7.0f} "
+            f"{_num(res.get('main_cpu_us')):>15s} {_num(res.get('worker_cpu_us')):>5s}"
+        )
+    if report.get("breakdown"):
+        lines += ["", "where a worker's time goes (--breakdown; CPU us per image, one torch thread):"]
+        lines += [f"  {step['step']:44s} {step['cpu_us_per_image']:8.1f}" for step in report["breakdown"]]
+    conv = report.get("conversion")
+    lines.append("")
+    if conv:
+        lines.append(
+            f"conversion (imagefolder -> Lance, fresh process): {conv['rows']:,} images in "
+            f"{conv['seconds']:.2f} s "
+            f"= {conv['images_per_s']:,.0f} images/s; peak RSS {conv['peak_rss'] / MiB:,.0f} MiB "
+            f"({conv['rss_before'] / MiB:,.0f} MiB after imports)"
+        )
+    hfp = report.get("hf_prepare")
+    if hfp:
+        lines.append(
+            f"HF datasets load_dataset(imagefolder): {hfp['seconds']:.2f} s = "
+            f"{hfp['images_per_s']:,.0f} images/s"
+        )
+    st = report["storage"]
+    disk = (
+        f"bytes on disk: image folder {st['imagefolder_bytes'] / MiB:,.1f} MiB "
+        f"({st['imagefolder_allocated_bytes'] / MiB:,.1f} MiB allocated in blocks), "
+        f"Lance {st['lance_bytes'] / MiB:,.1f} MiB ({st['lance_allocated_bytes'] / MiB:,.1f} MiB allocated)"
+    )
+    if "hf_cache_bytes" in st:
+        disk += f", HF cache {st['hf_cache_bytes'] / MiB:,.2f} MiB (+ the image folder it points to)"
+    lines.append(disk)
+    for t in report.get("targets", []):
+        value = t["value"]
+        shown = "n/a" if value is None else (f"{value:,.0f}" if value > 100 else f"{value:.2f}x")
+        lines.append(f"target {t['ratio']} >= {t['target']:g}: {shown} {'met' if t['met'] else 'NOT met'}")
+    return "\n".join(lines)
+
+
+def _num(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:,.0f}"
+
+
+def plot(report: dict[str, Any], path: str) -> None:
+    """A bar chart of each loader's images/s, written to ``path`` (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    loaders = list(report["loaders"].values())
+    colors = {"bound": "#9e9e9e", "imagefolder": "#ef8a17", "hf": "#d1495b", "lance": "#00798c"}
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(loaders) + 1.5))
+    names = [r["label"] for r in loaders][::-1]
+    rates = [r["images_per_s"] for r in loaders][::-1]
+    bar_colors = [
+        colors["lance"] if r["key"].startswith("lance") else colors[r["key"].split("_")[0]] for r in loaders
+    ][::-1]
+    bars = ax.barh(names, rates, color=bar_colors)
+    for bar, rate in zip(bars, rates, strict=True):
+        ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {rate:,.0f}", va="center", fontsize=8)
+    cfg = report["config"]
+    ax.set_xlabel("images/s (best timed epoch)")
+    ax.set_title(
+        f"{report['imagefolder']['images']:,} images -> {cfg['image_size']} px, batch {cfg['batch_size']}, "
+        f"{cfg['workers']} spawn workers",
+        fontsize=10,
+    )
+    ax.set_xlim(0, max(rates) * 1.18 if rates else 1)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,212 @@
+"""The whole benchmark run: images, conversion, warm-up, interleaved timed epochs, breakdown -> the report."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import lance
+import torch
+from PIL import Image
+from torchvision.datasets import ImageFolder
+
+from ..disk_usage import dir_bytes
+from .baselines import load_hf
+from .breakdown import breakdown
+from .candidates import BOUNDS, LOADERS, Candidate, build_candidate
+from .conversion import convert_in_child
+from .measure import MiB, rss_bytes
+from .report import ratios_and_targets
+
+__all__ = ["folder_stats", "run"]
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def folder_stats(folder: str) -> dict[str, Any]:
+    """Image count, bytes (apparent, allocated), mean bytes per image and a sample of image sizes."""
+    files = [os.path.join(d, f) for d, _, names in os.walk(folder) for f in names if not f.startswith(".")]
+    apparent, allocated = dir_bytes(folder)
+    sizes = set()
+    for path in files[:: max(1, len(files) // 20)][:20]:
+        with Image.open(path) as im:
+            sizes.add(im.size)
+    return {
+        "images": len(files),
+        "bytes": apparent,
+        "allocated_bytes": allocated,
+        "mean_image_bytes": apparent / max(1, len(files)),
+        "sample_sizes": sorted(sizes),
+    }
+
+
+def _config(args: argparse.Namespace, folder: str) -> dict[str, Any]:
+    return {
+        "imagefolder": folder,
+        "image_size": args.image_size,
+        "batch_size": args.batch_size,
+        "workers": args.workers,
+        "epochs": args.epochs,
+        "timed_rounds": args.epochs - 1,
+        "start_method": "spawn",
+        "quick": args.quick,
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "pylance": lance.__version__,
+        "load_average_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+
+
+def _images(args: argparse.Namespace, folder: str, progress: bool) -> dict[str, Any]:
+    """Generate the images if asked and the folder is empty; the folder's statistics."""
+    if args.generate:
+        from ..synthetic import generate_imagefolder
+
+        if Path(folder).exists() and any(Path(folder).iterdir()):
+            _log(f"{folder} is not empty: using the images already there (--generate ignored)")
+        else:
+            made = generate_imagefolder(
+                folder, args.generate, args.generate_size, args.classes, args.seed, progress=progress
+            )
+            _log(str(made))
+    stats = folder_stats(folder)
+    _log(f"{stats['images']:,} images in {folder}, {stats['mean_image_bytes'] / 1024:,.1f} KiB on average")
+    return stats
+
+
+def _lance(args: argparse.Namespace, folder: str, work: Path, progress: bool) -> tuple[str, Any]:
+    """The Lance dataset to read (an existing ``--lance`` as is, else a conversion of ``folder``, in a
+    fresh process so its peak RSS is its own) and the conversion's figures (``None`` if none ran)."""
+    uri = args.lance
+    if uri and (Path(uri) / "_versions").is_dir():
+        _log(f"using the existing Lance dataset {uri} (no conversion measured)")
+        return uri, None
+    uri = uri or str(work / "images.lance")
+    _log(f"converting {folder} -> {uri}")
+    return uri, convert_in_child(folder, uri, progress=progress)
+
+
+def _blobs(folder: str, order: list[int], cap: int) -> list[bytes]:
+    """The first ``cap`` files of ``order``, in memory: what the decode bounds decode."""
+    files = ImageFolder(folder).samples
+    blobs = []
+    for i in order[:cap]:
+        with open(files[i][0], "rb") as f:
+            blobs.append(f.read())
+    return blobs
+
+
+def _warm_up(candidates: list[Candidate], *, concurrent: bool) -> None:
+    if concurrent:
+        # smoke test: all workers start at once (start-up figures then include the others' start-up)
+        _log(f"starting the workers of {len(candidates)} loaders at once (--quick)")
+        for cand in candidates:
+            cand.start()
+        for cand in candidates:
+            cand.finish_warmup()
+        return
+    for cand in candidates:
+        _log(f"warm-up (start-up + one epoch): {cand.result.label}")
+        cand.start()
+        cand.finish_warmup()
+
+
+def _timed_rounds(candidates: list[Candidate], rounds: int, progress: bool) -> None:
+    """``rounds`` timed epochs of every loader, interleaved; each keeps its best."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=rounds * len(candidates), desc="timed epochs", unit="epoch", disable=not progress)
+    for r in range(rounds):
+        shift = r % max(1, len(candidates))
+        for cand in candidates[shift:] + candidates[:shift]:  # rotate: no loader always goes first
+            cand.epoch()
+            bar.update(1)
+    bar.close()
+    for cand in candidates:
+        cand.result.images_per_s = max(cand.result.rounds)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """The whole benchmark, with the options of ``python -m lance_cookbook.bench`` in ``args``; returns
+    what ``--json`` writes."""
+    progress = not args.no_progress
+    folder = os.path.abspath(args.imagefolder)
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="lance-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {"config": _config(args, folder)}
+    try:
+        stats = report["imagefolder"] = _images(args, folder, progress)
+        uri, report["conversion"] = _lance(args, folder, work, progress)
+        report["lance_uri"] = uri
+        lance_bytes = dir_bytes(uri)
+        report["storage"] = {
+            "imagefolder_bytes": stats["bytes"],
+            "imagefolder_allocated_bytes": stats["allocated_bytes"],
+            "lance_bytes": lance_bytes[0],
+            "lance_allocated_bytes": lance_bytes[1],
+        }
+        n = lance.dataset(uri).count_rows()
+        if n != stats["images"]:
+            _log(f"note: {uri} holds {n:,} rows and {folder} {stats['images']:,} files")
+        n = min(n, stats["images"])
+
+        keys = [k for k in LOADERS if k in args.loaders]
+        hf = None
+        if "hf_datasets" in keys:
+            _log("preparing the HF datasets imagefolder")
+            hf, report["hf_prepare"] = load_hf(folder, str(work / "hf-cache"), args.image_size, progress)
+            report["storage"]["hf_cache_bytes"] = report["hf_prepare"]["cache_bytes"]
+
+        # the same shuffled order for every loader (a plain list is a valid sampler and pickles cheaply)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed)).tolist()
+        need_blobs = any(k in BOUNDS for k in keys)
+        blobs = _blobs(folder, order, min(n, 512 if args.quick else 4096)) if need_blobs else []
+
+        main_rss = rss_bytes()
+        candidates = [
+            build_candidate(
+                key,
+                folder=folder,
+                uri=uri,
+                hf=hf,
+                size=args.image_size,
+                batch_size=args.batch_size,
+                workers=args.workers,
+                order=order,
+                blobs=blobs,
+                bound_seconds=0.25 if args.quick else 1.5,
+            )
+            for key in keys
+        ]
+        _warm_up(candidates, concurrent=args.quick)
+        report["config"]["startup_concurrent"] = bool(args.quick)
+        _timed_rounds(candidates, max(1, args.epochs - 1), progress)
+        for cand in candidates:
+            cand.close()
+        report["main_rss_before_loaders_mib"] = main_rss / MiB if main_rss else None
+        if args.breakdown:  # after the loaders: its decoded images must not count in their memory figures
+            _log("timing each step of a worker (--breakdown)")
+            files = [path for path, _ in ImageFolder(folder).samples]
+            try:
+                report["breakdown"] = breakdown(
+                    uri, files, order, args.image_size, args.batch_size, min(n, 256 if args.quick else 1024)
+                )
+            except ValueError as e:  # not JPEG: the loaders' figures still stand
+                report["breakdown_error"] = str(e)
+                _log(f"--breakdown skipped: {e}")
+        report["loaders"] = {c.key: asdict(c.result) for c in candidates}
+        report["ratios"], report["targets"] = ratios_and_targets(report)
+        if hasattr(os, "getloadavg"):
+            report["config"]["load_average_end"] = list(os.getloadavg())
+    finally:
+        if not args.work_dir:
+            shutil.rmtree(work, ignore_errors=True)
+    return report
