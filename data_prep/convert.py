@@ -6,8 +6,14 @@
 
 SOURCE is one of
   digits            the UCI handwritten digits bundled with scikit-learn, stored as PNG (offline default)
-  imagefolder:DIR   DIR/<class>/<image>; class index = position in the sorted class folder names
-  hf:NAME           a Hugging Face dataset (hub name or a local folder laid out like a hub repository)
+  imagefolder:DIR   DIR/<class>/<image>; class index = position in the sorted class folder names, rows in
+                    torchvision ImageFolder's order; hidden entries and __MACOSX ignored, links followed
+                    unless they loop or lead to something listed already (see imagefolder_source)
+  hf:NAME           a Hugging Face dataset (hub name or a local folder laid out like a hub repository);
+                    a missing label is stored as -1 (see hf_source)
+
+Every input problem ends in one line naming the file or row (exit 2, nothing written), or with
+--skip-invalid in a list of what was skipped.
 
 Every image is checked (PIL open + verify + a decode at reduced scale) before it is written: by worker
 processes for large sources (PIL's Python-level parsing holds the GIL, so threads barely scale), by threads
@@ -740,8 +746,10 @@ def convert(
     """Convert ``source`` (a spec string or a :class:`Source`) into a Lance dataset at ``output``.
 
     Raises :class:`ConversionError` (or :class:`InvalidImage`) with a message naming the file, row or path
-    at fault. On any failure, interruption included, nothing is left at a new ``output``, an existing
-    dataset keeps its previous version as the latest, and no worker process or thread of ours is running.
+    at fault. On any failure, interruption included, nothing is left at a new ``output`` (nor the folders
+    made for it), an existing dataset keeps its previous version as the latest, and no worker process or
+    thread of ours is running. The :class:`Summary` counts rows with label -1 (``unlabelled``) and carries
+    the source's ``warnings`` (links not followed); both are also in the schema metadata.
 
     ``workers``: how many checks run at once (default: the usable CPUs). With the local engine, a source of
     ``PROCESS_MIN_RECORDS`` or more (known from its ``total``, capped by ``max_rows``) is checked by that
