@@ -191,6 +191,10 @@ def _pil_to_rgb(data: bytes) -> Image.Image:
         wide = _raw_16_bit_samples(im, data)
         if wide is not None:
             return Image.fromarray(_to_8_bits(wide[..., :3]))
+        if im.mode == "P" and isinstance(im.info.get("transparency"), bytes):
+            # a per-entry palette alpha, dropped by convert("RGB") anyway (same pixels): without this PIL
+            # warns "should be converted to RGBA" for each such image in every epoch
+            del im.info["transparency"]
         return im.convert("RGB")
 
 
@@ -218,8 +222,14 @@ class ImageCollate:
         train: ``True`` adds ``RandomResizedCrop(size)`` + horizontal flip; ``False`` resizes to
             ``(size, size)``.
         decoder: ``"torchvision"`` decodes all JPEGs of the batch in one ``torchvision.io.decode_jpeg`` call
-            (PNG/GIF/WebP through ``decode_image``, anything else through PIL) and resizes uint8 tensors;
-            ``"pil"`` decodes and transforms each image with PIL.
+            (8-bit PNG and still WebP through ``decode_image``; GIF, animated WebP, 16-bit PNG, BMP, TIFF
+            and PNM through the PIL reference, chosen from each image's header) and resizes uint8 tensors;
+            ``"pil"`` decodes and transforms each image with PIL. Both give the pixels torchvision's
+            ``ImageFolder`` loader (``Image.open(f).convert("RGB")``) gives, to within 2 of 255 levels after
+            the same resize: the first frame of an animated image, alpha dropped (not composited), EXIF
+            orientation ignored. One deliberate difference: a 16-bit sample ``v`` (PNG, TIFF, PGM/PPM)
+            becomes ``round(v / 257)``, where that loader saturates 16-bit grey to white
+            (pytorch/vision#2218).
         dtype: ``torch.float32`` (scaled to [0, 1]) or ``torch.uint8`` (raw pixels: 4x fewer bytes between
             processes; convert and normalize on the device with :func:`lance_cookbook.to_device`).
         on_error: ``"raise"`` (default) raises :class:`DecodeError` naming the row; ``"skip"`` drops the row
@@ -230,8 +240,9 @@ class ImageCollate:
     Returns a :class:`Batch` ``(image [B, 3, size, size], label int64 [B])``. The image batch is stored
     ``channels_last`` (NHWC strides, the layout the decoders write; convolutions accept it and it is the
     faster layout on GPUs); ``images.contiguous()`` gives NCHW strides where code needs them. Grayscale,
-    RGBA, palette and CMYK inputs all come out RGB. Picklable, so spawn workers can use it; transforms are
-    built once.
+    RGBA, palette and CMYK inputs all come out RGB. Raises :class:`DecodeError` naming the row for bytes
+    neither path decodes (with ``on_error="raise"``), wherever in the batch decode it fails. Picklable, so
+    spawn workers can use it; transforms are built once.
     """
 
     def __init__(
