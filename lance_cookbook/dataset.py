@@ -11,6 +11,8 @@ from typing import Any
 import lance
 from lance.torch.data import SafeLanceDataset
 
+from .object_store import store_error_reason
+
 __all__ = [
     "open_dataset",
     "LanceImageDataset",
@@ -47,7 +49,7 @@ def _open(uri: str | os.PathLike, options: dict) -> lance.LanceDataset:
         return lance.dataset(uri, **options)
     except (ValueError, OSError) as e:
         what = f"version {options['version']} of " if "version" in options else ""
-        reason = str(e).split(", /")[0]  # drop the Rust source locations lance appends
+        reason = store_error_reason(uri, e) or str(e).split(", /")[0]  # drop the Rust source locations
         raise DatasetNotFound(f"cannot open {what}Lance dataset at {uri!r}: {reason}") from None
 
 

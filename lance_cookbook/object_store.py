@@ -8,13 +8,12 @@ Lance reads and writes ``s3://bucket/path.lance`` itself (no boto3 at run time);
 from __future__ import annotations
 
 import logging
+import re
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from data_prep.convert import storage_option_arg  # noqa: F401 - re-exported for the CLIs
-
-__all__ = ["s3_storage_options", "storage_option_arg", "local_s3"]
+__all__ = ["s3_storage_options", "local_s3", "store_error_reason"]
 
 # Placeholders for the local server only: moto accepts any credentials, and these exist nowhere else.
 DUMMY_KEY = "cookbook-test-key"
@@ -46,6 +45,56 @@ def s3_storage_options(
     if session_token is not None:
         options["aws_session_token"] = session_token
     return options
+
+
+# What object stores answer (S3's error codes, inside the XML body Lance quotes), in words a user can act on.
+# Codes: https://docs.aws.amazon.com/AmazonS3/latest/API/ErrorResponses.html#ErrorCodeList
+_S3_CODES = {
+    "NoSuchBucket": "bucket {bucket!r} does not exist (create it first)",
+    "InvalidAccessKeyId": "access denied: the store does not know this access key id (aws_access_key_id)",
+    "SignatureDoesNotMatch": "access denied: the secret access key does not match the access key id "
+    "(aws_secret_access_key)",
+    "AccessDenied": "access denied: these credentials may not use {bucket!r}",
+    "ExpiredToken": "access denied: the session token has expired (aws_session_token)",
+    "InvalidToken": "access denied: the session token is not valid (aws_session_token)",
+    "PermanentRedirect": "bucket {bucket!r} is in another region: set aws_region to the bucket's region",
+    "AuthorizationHeaderMalformed": "the request was signed for the wrong region: set aws_region to the "
+    "bucket's region",
+}
+
+
+def store_error_reason(uri: str, error: BaseException) -> str | None:
+    """The cause of an object-store failure from Lance, in one short phrase; ``None`` when ``error`` is not
+    one (a local path, an ordinary "not found").
+
+    Lance reports every store failure as ``OSError``/``ValueError`` with the server's XML reply or the HTTP
+    client's bare words inside ("Generic S3 error ... HTTP error: builder error", lance#797). This finds
+    the cause: an S3 error code (``NoSuchBucket`` -> ``bucket 'x' does not exist``), an unsupported URI
+    scheme (``s3a://``), a plain-``http://`` endpoint without ``allow_http``, an endpoint that does not
+    answer. Used by :func:`lance_cookbook.open_dataset` and the conversion, so reading and writing say the
+    same thing.
+    """
+    text = str(error)
+    scheme = re.search(r"No object store provider found for scheme: '([^']+)'", text)
+    if scheme:
+        hint = " (Hadoop's name for S3): use s3://" if scheme.group(1) in ("s3a", "s3n") else ""
+        return f"Lance cannot read or write {scheme.group(1)}:// URIs{hint}"
+    code = re.search(r"<Code>([^<]+)</Code>", text)
+    if code:
+        bucket = re.search(r"<BucketName>([^<]+)</BucketName>", text)
+        name = bucket.group(1) if bucket else uri.split("://", 1)[-1].split("/", 1)[0]
+        message = re.search(r"<Message>([^<]+)</Message>", text)
+        default = f"the store refused the request: {code.group(1)}" + (
+            f" ({message.group(1)})" if message else ""
+        )
+        return _S3_CODES.get(code.group(1), default).format(bucket=name)
+    if "HTTP error: builder error" in text and "http://" in text:
+        return "the endpoint is http:// (no TLS): set the storage option allow_http=true to allow it"
+    if "error sending request" in text or "Connection refused" in text:
+        endpoint = re.search(r"GET (https?://[^/\s]+)", text)
+        where = endpoint.group(1) if endpoint else "the store"
+        return f"cannot reach {where} (is the endpoint right and the server up?)"
+    return None
 
 
 def _endpoint(server) -> str:
