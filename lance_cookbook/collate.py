@@ -18,7 +18,9 @@ What makes the ``decoder="torchvision"`` path fast (measured in ``docs/benchmark
 from __future__ import annotations
 
 import io
+import math
 import warnings
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -32,6 +34,10 @@ from torchvision.transforms.v2 import functional as F
 __all__ = ["Batch", "ImageCollate", "DecodeError", "stack_channels_last"]
 
 JPEG_MAGIC = b"\xff\xd8\xff"
+
+# The evaluation crop's share of the resized shorter side: 224 of 256 in torchvision's
+# references/classification/presets.py (ClassificationPresetEval), timm's crop_pct default.
+EVAL_CROP_FRACTION = 0.875
 
 # The decoders only read the bytes they get, so viewing read-only buffers (Python bytes, Arrow buffers)
 # with torch.frombuffer is safe; one targeted filter instead of catch_warnings, which is not thread-safe.
@@ -219,8 +225,12 @@ class ImageCollate:
 
     Args:
         size: output height and width.
-        train: ``True`` adds ``RandomResizedCrop(size)`` + horizontal flip; ``False`` resizes to
-            ``(size, size)``.
+        train: ``True``: ``RandomResizedCrop(size)`` + horizontal flip. ``False``: the standard evaluation
+            transform, shorter side resized to ``floor(size / crop_fraction)`` then a centre crop of
+            ``size`` (torchvision's ``references/classification/presets.py``: resize 256, crop 224), so a
+            non-square photo keeps its proportions instead of being squashed.
+        crop_fraction: the evaluation crop's share of the resized shorter side (0.875 = 224/256, the
+            reference's and timm's default); 1.0 resizes the shorter side to ``size`` and crops the rest.
         decoder: ``"torchvision"`` decodes all JPEGs of the batch in one ``torchvision.io.decode_jpeg`` call
             (8-bit PNG and still WebP through ``decode_image``; GIF, animated WebP, 16-bit PNG, BMP, TIFF
             and PNM through the PIL reference, chosen from each image's header) and resizes uint8 tensors;
@@ -237,12 +247,13 @@ class ImageCollate:
             still raises.
         image_column, label_column: column names in the rows.
 
-    Returns a :class:`Batch` ``(image [B, 3, size, size], label int64 [B])``. The image batch is stored
-    ``channels_last`` (NHWC strides, the layout the decoders write; convolutions accept it and it is the
-    faster layout on GPUs); ``images.contiguous()`` gives NCHW strides where code needs them. Grayscale,
-    RGBA, palette and CMYK inputs all come out RGB. Raises :class:`DecodeError` naming the row for bytes
-    neither path decodes (with ``on_error="raise"``), wherever in the batch decode it fails. Picklable, so
-    spawn workers can use it; transforms are built once.
+    Returns a :class:`Batch` ``(image [B, 3, size, size], label int64 [B])``; given one row (a ``dict``, as a
+    ``DataLoader`` with ``batch_size=None`` passes), ``(image [3, size, size], label int64 [])``. The image
+    batch is stored ``channels_last`` (NHWC strides, the layout the decoders write; convolutions accept it and
+    it is the faster layout on GPUs); ``images.contiguous()`` gives NCHW strides where code needs them.
+    Grayscale, RGBA, palette and CMYK inputs all come out RGB. Raises :class:`DecodeError` naming the row for
+    bytes neither path decodes (with ``on_error="raise"``), wherever in the batch decode it fails. Picklable,
+    so spawn workers can use it; transforms are built once.
     """
 
     def __init__(
@@ -254,6 +265,7 @@ class ImageCollate:
         on_error: str = "raise",
         image_column: str = "image",
         label_column: str = "label",
+        crop_fraction: float = EVAL_CROP_FRACTION,
     ):
         if decoder not in ("pil", "torchvision"):
             raise ValueError(f"decoder must be 'pil' or 'torchvision', got {decoder!r}")
@@ -263,7 +275,11 @@ class ImageCollate:
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         if int(size) < 1:
             raise ValueError(f"size must be a positive int, got {size!r}")
+        if not 0 < crop_fraction <= 1:
+            raise ValueError(f"crop_fraction must be in (0, 1], got {crop_fraction!r}")
         self.size = int(size)
+        self.crop_fraction = crop_fraction
+        self.resize_size = math.floor(self.size / crop_fraction)
         self.train = train
         self.decoder = decoder
         self.dtype = dtype
@@ -275,7 +291,7 @@ class ImageCollate:
         if train:
             geometry = [self._crop, v2.RandomHorizontalFlip()]
         else:
-            geometry = [v2.Resize((self.size, self.size), antialias=True)]
+            geometry = [v2.Resize(self.resize_size, antialias=True), v2.CenterCrop(self.size)]
         # PIL path: geometry on the PIL image, then to tensor; the torchvision path calls the same geometry's
         # tensor kernels directly (_geometry)
         self._pil_transform = v2.Compose([*geometry, v2.PILToTensor()])
@@ -288,19 +304,21 @@ class ImageCollate:
     def __repr__(self) -> str:
         return (
             f"ImageCollate(size={self.size}, train={self.train}, decoder={self.decoder!r}, "
-            f"dtype={self.dtype}, on_error={self.on_error!r})"
+            f"dtype={self.dtype}, on_error={self.on_error!r}, crop_fraction={self.crop_fraction})"
         )
 
     # ------------------------------------------------------------------------------------------- decode
     def _geometry(self, img: torch.Tensor) -> torch.Tensor:
-        """``RandomResizedCrop`` + flip (train) or ``Resize((S, S))`` on a uint8 ``[3, H, W]`` tensor,
-        through torchvision's kernels (same parameters and results as the ``v2`` transforms)."""
+        """``RandomResizedCrop`` + flip (train) or shorter-side ``Resize`` + ``CenterCrop`` (evaluation) on a
+        uint8 ``[3, H, W]`` tensor, through torchvision's kernels (same parameters and results as the ``v2``
+        transforms the PIL path composes)."""
         size = [self.size, self.size]
         if self.train:
             top, left, h, w = T.RandomResizedCrop.get_params(img, self._crop.scale, self._crop.ratio)
             img = F.resized_crop_image(img, top, left, h, w, size=size, antialias=True)
             return F.horizontal_flip_image(img) if torch.rand(1) < 0.5 else img
-        return F.resize_image(img, size, antialias=True)
+        img = F.resize_image(img, [self.resize_size], antialias=True)
+        return F.center_crop_image(img, size)
 
     def _decode_pil(self, data: bytes) -> torch.Tensor:
         return self._pil_transform(_pil_to_rgb(data))
@@ -339,7 +357,10 @@ class ImageCollate:
                 out[i] = e
         return out
 
-    def __call__(self, rows: list[dict[str, Any]]) -> Batch:
+    def __call__(self, rows: list[dict[str, Any]] | Mapping[str, Any]) -> Batch:
+        if isinstance(rows, Mapping):  # one row: a DataLoader with batch_size=None passes rows one by one
+            image, label = self([rows])
+            return Batch(image[0], label[0])
         blobs = [row[self.image_column] for row in rows]
         if self.decoder == "torchvision":
             decoded = self._decode_torchvision(blobs)

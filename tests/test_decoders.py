@@ -164,7 +164,8 @@ def corpus() -> dict[str, Sample]:
     return {s.filename.split(".")[0]: s for s in samples}
 
 
-RESIZE = v2.Compose([v2.Resize((SIZE, SIZE), antialias=True), v2.PILToTensor()])
+# ImageCollate(train=False)'s geometry, written out: shorter side to floor(SIZE / 0.875), centre crop SIZE
+RESIZE = v2.Compose([v2.Resize(int(SIZE / 0.875), antialias=True), v2.CenterCrop(SIZE), v2.PILToTensor()])
 
 
 def expected(sample: Sample, path: Path) -> torch.Tensor:
@@ -216,9 +217,12 @@ def test_16_bit_samples_scaled_to_8_bits(name, decoder):
     encoder = {"png": png16, "tif": tiff48, "pgm": netpbm16, "ppm": netpbm16}[name.split("_")[0]]
     data = encode(Image.fromarray(g16), "TIFF") if name == "tif_grey16" else encoder(samples)
     want = torch.from_numpy(to_8_bits(samples)).permute(2, 0, 1)
-    got = ImageCollate(size=SIZE, decoder=decoder, dtype=torch.uint8)(rows_of([data])).image[0]
-    assert torch.equal(got, want)  # at its own size the resize changes nothing
-    scaled = ImageCollate(size=SIZE, decoder=decoder)(rows_of([data])).image[0]
+    # crop_fraction=1.0 at the image's own size: the resize and the crop change nothing
+    got = ImageCollate(size=SIZE, decoder=decoder, dtype=torch.uint8, crop_fraction=1.0)(
+        rows_of([data])
+    ).image[0]
+    assert torch.equal(got, want)
+    scaled = ImageCollate(size=SIZE, decoder=decoder, crop_fraction=1.0)(rows_of([data])).image[0]
     assert scaled.max() <= 1.0 and torch.equal((scaled * 255).round().to(torch.uint8), want)
 
 

@@ -8,6 +8,7 @@ import time
 import pytest
 import torch
 from conftest import encode, photo
+from PIL import Image
 from torch.utils.data import default_collate
 
 from lance_cookbook import (
@@ -259,3 +260,31 @@ def test_a_second_pass_while_one_runs_sees_every_row(id_dataset):
         if step == 0:
             break
     assert sorted(i for b in loader for i in b) == list(range(53))
+
+
+def test_batch_size_none_gives_one_decoded_row_per_item(id_dataset):
+    loader = make_loader(
+        id_dataset, batch_size=None, num_workers=0, collate_fn=ImageCollate(8, dtype=torch.uint8)
+    )
+    items = list(loader)
+    assert len(items) == 53
+    image, label = items[7]
+    assert image.shape == (3, 8, 8) and image.dtype == torch.uint8
+    assert label.shape == () and label.dtype == torch.int64
+    assert (
+        decoded_ids(image[None]) == [21] and int(label) == 0
+    )  # rows follow class folders: c0 holds 0, 3, 6 ...
+
+
+def test_evaluation_keeps_proportions_with_both_decoders():
+    """train=False: shorter side to floor(size / 0.875), centre crop (torchvision's reference), so a wide
+    photo's middle fills the output instead of the whole photo being squashed."""
+    wide = Image.new("RGB", (64, 16), (255, 0, 0))
+    wide.paste((0, 0, 255), (24, 0, 40, 16))  # a blue band in the middle third of a red photo
+    blob = encode(wide, "PNG")
+    for decoder in ("pil", "torchvision"):
+        collate = ImageCollate(14, decoder=decoder, dtype=torch.uint8)
+        assert collate.resize_size == 16
+        image = collate([{"image": blob, "label": 0}]).image[0]
+        # the 14 px crop of a 64x16 photo resized to 64x16 is columns 25-38: all blue
+        assert image.shape == (3, 14, 14) and (image[2] > 200).all() and (image[0] < 55).all(), decoder

@@ -5,6 +5,7 @@ Spawn workers unpickle these classes by module name, so they live in an importab
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from typing import Any
@@ -13,9 +14,17 @@ from torch.utils.data import Dataset
 from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
 
+from ..collate import EVAL_CROP_FRACTION
 from ..disk_usage import dir_bytes
 
-__all__ = ["BytesImageFolder", "HFTransform", "RowByRowDataset", "load_hf"]
+__all__ = ["BytesImageFolder", "HFTransform", "RowByRowDataset", "load_hf", "pil_eval_transform"]
+
+
+def pil_eval_transform(size: int) -> T.Compose:
+    """What users write today for evaluation, on PIL images: torchvision's reference ``Resize`` of the
+    shorter side to ``floor(size / 0.875)``, ``CenterCrop(size)``, ``ToTensor`` -> float32 ``[3, size,
+    size]`` in [0, 1]; the same geometry as ``ImageCollate(size, train=False)``."""
+    return T.Compose([T.Resize(math.floor(size / EVAL_CROP_FRACTION)), T.CenterCrop(size), T.ToTensor()])
 
 
 class BytesImageFolder(ImageFolder):
@@ -41,10 +50,10 @@ class RowByRowDataset(Dataset):
 
 
 class HFTransform:
-    """``set_transform`` callable: PIL images (decoded by ``datasets``) -> Resize((S, S)) + ToTensor."""
+    """``set_transform`` callable: PIL images (decoded by ``datasets``) -> :func:`pil_eval_transform`."""
 
     def __init__(self, size: int):
-        self.transform = T.Compose([T.Resize((size, size)), T.ToTensor()])
+        self.transform = pil_eval_transform(size)
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
         return {

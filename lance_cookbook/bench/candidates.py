@@ -11,13 +11,12 @@ import torch
 from lance.torch.data import SafeLanceDataset
 from PIL import Image
 from torch.utils.data import DataLoader
-from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
 
 from ..collate import ImageCollate
 from ..loader import make_loader
 from .arrow import ArrowImageCollate, ArrowLanceDataset
-from .baselines import BytesImageFolder, RowByRowDataset
+from .baselines import BytesImageFolder, RowByRowDataset, pil_eval_transform
 from .measure import MiB, PeakRSS, cpu_seconds
 
 __all__ = ["BOUNDS", "LOADERS", "Candidate", "DecodeBound", "Result", "build_candidate"]
@@ -148,7 +147,7 @@ class DecodeBound(Candidate):
         self.count = min(len(blobs), batch_size)
         self.result = Result(key, LOADERS[key], note=f"1 core x {self.scale}")
         self._worker_peaks = {}
-        self.pil = T.Compose([T.Resize((size, size)), T.ToTensor()])
+        self.pil = pil_eval_transform(size)
         self.tv = ImageCollate(size, decoder="torchvision", dtype=torch.uint8)
 
     def _loop(self, count: int) -> float:
@@ -207,7 +206,7 @@ def build_candidate(
     if key in BOUNDS:
         return DecodeBound(key, blobs, size, batch_size, workers, bound_seconds)
     if key == "imagefolder_pil":
-        dataset = ImageFolder(folder, transform=T.Compose([T.Resize((size, size)), T.ToTensor()]))
+        dataset = ImageFolder(folder, transform=pil_eval_transform(size))
         return Candidate(key, DataLoader(dataset, **common), "float32")
     if key == "imagefolder_tv":
         return Candidate(key, DataLoader(BytesImageFolder(folder), collate_fn=tv_uint8, **common), "uint8")
