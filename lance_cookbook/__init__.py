@@ -18,6 +18,7 @@ from .dataset import (
 )
 from .device import IMAGENET_MEAN, IMAGENET_STD, to_device
 from .loader import check_start_method, default_workers, make_loader
+from .meters import DataWaitMeter
 from .models import SmallCNN, build_model
 from .sampler import ShardSampler
 
@@ -25,6 +26,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Batch",
+    "DataWaitMeter",
     "DecodeError",
     "DatasetNotFound",
     "EmptyDataset",

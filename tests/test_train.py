@@ -63,6 +63,28 @@ def test_same_seed_same_order_other_seed_other_order(small, tmp_path):
     assert digests[0][0] != digests[0][1]
     assert digests[0] != digests[2]
     assert first["world_size"] == 1 and all(e["val_samples_seen"] == 51 for e in first["epochs"])
+    for e in first["epochs"]:
+        assert 0.0 <= e["data_wait_fraction"] <= 1.0 and 0.0 <= e["data_wait_s"] <= e["seconds"]
+
+
+def test_every_option_documents_its_default():
+    from lance_cookbook.train import build_parser
+
+    parser = build_parser()
+    text = parser.format_help()
+    for action in parser._actions:
+        if action.dest in ("help", "train", "val"):
+            continue
+        assert action.help, action.dest
+        assert "(default" in parser.formatter_class("x")._get_help_string(action), action.dest
+    assert "(default: 64)" in text and "pixels" in text
+
+
+def test_the_training_modules_import_nothing_from_data_prep():
+    from conftest import REPO
+
+    for name in ("train", "meters", "cli", "sampler"):
+        assert "data_prep" not in (REPO / "lance_cookbook" / f"{name}.py").read_text(), name
 
 
 def _eval_worker(rank: int, world: int, store: str, val: str, out: str) -> None:
