@@ -4,6 +4,7 @@ The map-style recipe: ``SafeLanceDataset`` (batched ``take`` of raw image bytes)
 + ``DataLoader`` (spawn workers, ``pin_memory``) + ``sampler.set_epoch`` + a collate that decodes the bytes.
 """
 
+from .block_sampler import BlockShuffleSampler
 from .collate import Batch, DecodeError, ImageCollate
 from .data import default_data_dir, ensure_digits
 from .dataset import (
@@ -26,6 +27,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Batch",
+    "BlockShuffleSampler",
     "DataWaitMeter",
     "DecodeError",
     "DatasetNotFound",
