@@ -13,6 +13,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
+from ..block_sampler import BlockShuffleSampler
 from ..collate import ImageCollate
 from ..loader import make_loader
 from .arrow import ArrowImageCollate, ArrowLanceDataset
@@ -32,6 +33,7 @@ LOADERS: dict[str, str] = {
     "lance_tv_uint8": "(g) make_loader + ImageCollate torchvision uint8",
     "lance_all_columns": "(h) (g) via SafeLanceDataset: all columns",
     "lance_arrow": "(i) (g) + Arrow table decoded in place",
+    "lance_tv_uint8_block": "(j) (g) + BlockShuffleSampler (contiguous reads)",
 }
 BOUNDS = ("bound_pil", "bound_tv")
 
@@ -197,6 +199,7 @@ def build_candidate(
     order: list[int],
     blobs: list[bytes],
     bound_seconds: float,
+    seed: int = 0,
 ) -> Candidate:
     """The loader ``key`` of :data:`LOADERS` over ``folder`` / ``uri`` / ``hf``, reading ``order``."""
     common: dict[str, Any] = dict(batch_size=batch_size, sampler=order, num_workers=workers, pin_memory=False)
@@ -220,6 +223,12 @@ def build_candidate(
         return Candidate(key, make_loader(uri, collate_fn=ImageCollate(size), **make), "float32")
     if key == "lance_tv_uint8":
         return Candidate(key, make_loader(uri, collate_fn=tv_uint8, **make), "uint8")
+    if key == "lance_tv_uint8_block":
+        # blocks of one batch, shuffled with the run's seed: each batch reads about two runs of rows instead
+        # of the shared random order's 64 scattered rows (the point of this loader)
+        sampler = BlockShuffleSampler(range(len(order)), 1, 0, seed=seed, block_size=batch_size)
+        block = dict(make, sampler=sampler)
+        return Candidate(key, make_loader(uri, collate_fn=tv_uint8, **block), "uint8")
     if key == "lance_all_columns":
         return Candidate(key, make_loader(SafeLanceDataset(uri), collate_fn=tv_uint8, **make), "uint8")
     if key == "lance_arrow":

@@ -183,6 +183,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 order=order,
                 blobs=blobs,
                 bound_seconds=0.25 if args.quick else 1.5,
+                seed=args.seed,
             )
             for key in keys
         ]
