@@ -21,7 +21,7 @@ from .device import IMAGENET_MEAN, IMAGENET_STD, to_device
 from .loader import check_start_method, default_workers, make_loader
 from .meters import DataWaitMeter
 from .models import SmallCNN, build_model
-from .sampler import ShardSampler
+from .sampler import ResumableDistributedSampler, ShardSampler
 
 __version__ = "0.1.0"
 
@@ -36,6 +36,7 @@ __all__ = [
     "IMAGENET_STD",
     "ImageCollate",
     "LanceImageDataset",
+    "ResumableDistributedSampler",
     "Rows",
     "ShardSampler",
     "SmallCNN",
