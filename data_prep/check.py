@@ -1,8 +1,8 @@
-"""Image checks for the conversion, importable without Lance, PyArrow or torch.
+"""One image's check: the test every converted image passes, importable without Lance, PyArrow or torch.
 
-:func:`check_image` is the check every converted image passes. :func:`serve` is the main loop of a
-checking worker process (see ``data_prep.convert.CheckPool``): this module imports only PIL, so a worker
-starts in ~0.06 s, where an import of Lance alone takes ~0.4 s.
+:func:`check_image` checks encoded bytes; :func:`check_items` reads and checks a list of them, which is the
+unit of work of a checking worker process (``data_prep.pool``); :func:`init_worker` gives such a worker
+this process's PIL settings. This module imports only PIL, so a worker starts without loading Lance.
 """
 
 from __future__ import annotations
@@ -10,23 +10,35 @@ from __future__ import annotations
 import io
 import signal
 import warnings
-from multiprocessing.connection import Connection
 
 from PIL import Image, ImageFile, JpegImagePlugin, UnidentifiedImageError
 
 __all__ = [
     "ConversionError",
     "InvalidImage",
+    "ParameterError",
     "check_image",
     "check_items",
+    "init_worker",
     "pil_settings",
     "read_image",
-    "serve",
 ]
 
 
 class ConversionError(Exception):
     """Bad input for a conversion; the message names the file, row or path at fault."""
+
+
+class ParameterError(ConversionError):
+    """A parameter of ``convert()`` that cannot be used. The message names it as the Python API does
+    (``max_rows``); :attr:`cli_message` names the command-line flag instead (``--max-rows``).
+
+    ``template`` holds ``{name}`` where the parameter goes; ``api_name``/``cli_name`` fill it.
+    """
+
+    def __init__(self, template: str, api_name: str, cli_name: str):
+        super().__init__(template.format(name=api_name))
+        self.cli_message = template.format(name=cli_name)
 
 
 class InvalidImage(ConversionError):
@@ -151,25 +163,15 @@ def check_items(items: list[str | bytes]) -> list[tuple[bytes | None, int, int] 
     return out
 
 
-def serve(requests_fd: int, results_fd: int, settings: dict) -> None:
-    """A checking worker's main loop: lists of items from ``requests_fd``, :func:`check_items` of each to
-    ``results_fd`` (pipes inherited from the parent; stdout stays free, so a stray print corrupts nothing).
+def init_worker(settings: dict) -> None:
+    """Initializer of a checking worker process: apply ``settings`` (:func:`pil_settings` of the parent,
+    so both sides accept the same images) and leave SIGINT to the parent.
 
-    Messages are framed and pickled by ``multiprocessing.connection`` (POSIX file descriptors). Returns when
-    the request pipe closes (the parent is done or gone). ``settings``: the parent's
-    ``PIL.Image.MAX_IMAGE_PIXELS`` and ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES``, so both sides check alike.
-    Ignores SIGINT, which is the parent's to handle.
+    A Ctrl-C in a terminal reaches every process of the foreground group; the parent stops the pool itself,
+    and a worker dying of KeyboardInterrupt would only turn that into a broken pool and a traceback.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     Image.MAX_IMAGE_PIXELS = settings["max_image_pixels"]
     ImageFile.LOAD_TRUNCATED_IMAGES = settings["load_truncated_images"]
     # check_image refuses such images with its own message; the warning would only add noise
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-    requests = Connection(requests_fd, writable=False)
-    results = Connection(results_fd, readable=False)
-    while True:
-        try:
-            items = requests.recv()
-        except EOFError:
-            return
-        results.send(check_items(items))

@@ -12,18 +12,22 @@ The driver (the process running ``data_prep.convert``) enumerates the source and
    ``fragment_bytes``) calls :func:`lance.fragment.write_fragments` and returns the ``FragmentMetadata``.
 
 Nothing is committed here: :func:`data_prep.convert.convert` commits the fragments, in source order, with
-its one ``LanceDataset.commit``, so the dataset holds the same rows in the same order as with
-``--engine local``, and a failure before that commit leaves no new version.
+its one ``LanceDataset.commit`` (``data_prep.write``), so the dataset holds the same rows in the same order
+as with ``--engine local``, and a failure before that commit leaves no new version.
 
-Ray: an already-initialised Ray is used as is. Otherwise ``ray.init()`` joins the cluster named by
-``RAY_ADDRESS`` (``ray start --head`` / a ``RayCluster``) or starts a local one, and shuts it down after.
-Every node must be able to import ``data_prep`` (install the project there) and to read the source paths
-and write the output (object storage or a shared file system).
+Ray (:func:`connect`): an already-initialised Ray is used as is. Otherwise ``ray.init()`` joins the cluster
+named by ``RAY_ADDRESS`` (``ray start --head`` / a ``RayCluster``), once its address answers, or, without
+``RAY_ADDRESS``, starts a local one, and shuts it down after. Every node must be able to import
+``data_prep`` (install the project there), to read the source paths (absolute: ``data_prep.sources``
+resolves them where the command runs) and to write the output (object storage or a shared file system;
+``data_prep.write`` checks that the driver sees every data file before it commits).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import warnings
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -31,9 +35,12 @@ from typing import Any
 
 import pyarrow as pa
 
-from .convert import SCHEMA, ConversionError, InvalidImage, Record, checked_records, record_invalid
+from .check import ConversionError, InvalidImage
+from .pool import checked_records
+from .sources import Record
+from .write import SCHEMA, record_invalid
 
-__all__ = ["write_fragments_ray"]
+__all__ = ["connect", "write_fragments_ray"]
 
 # 256 MB of images per write task: few enough data files for large datasets, small enough for the object store
 FRAGMENT_BYTES = 256 * 1024 * 1024
@@ -97,6 +104,52 @@ def _blocks(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
         yield block
 
 
+def _address_answers(address: str, timeout_s: float) -> None:
+    """Raise :class:`ConversionError` unless something accepts a TCP connection at ``address`` within
+    ``timeout_s``: ``ray.init`` retries an address with no cluster for ten minutes and more (ray#22413)."""
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    what = f"no Ray cluster answers at {address} (RAY_ADDRESS)"
+    todo = (
+        "start one there (ray start --head --port=PORT), point RAY_ADDRESS at a running head, or unset "
+        "RAY_ADDRESS to run on a local Ray"
+    )
+    if not host or not port.isdigit():
+        raise ConversionError(f"RAY_ADDRESS {address!r} is not HOST:PORT; {todo}")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except TimeoutError:
+        raise ConversionError(f"{what} within {timeout_s:g} s; {todo}") from None
+    except OSError as e:
+        raise ConversionError(f"{what}: {e.strerror or e}; {todo}") from None
+
+
+def connect(timeout_s: float) -> bool:
+    """Make this process a Ray driver; return True when it was not one already (the caller shuts Ray down).
+
+    With ``RAY_ADDRESS`` set, join that cluster once its address answers within ``timeout_s``
+    (``RAY_ADDRESS=auto`` is left to Ray). Without it, start a local Ray: ``address="local"``, because
+    Ray's default would follow a ``ray_current_cluster`` file that a dead ``ray start --head`` left behind
+    and wait for that cluster indefinitely.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = os.environ.get("RAY_ADDRESS", "").strip()
+    if address not in ("", "auto", "local"):
+        _address_answers(address, timeout_s)
+    try:
+        with warnings.catch_warnings():
+            # ray.init starts its services with fork+exec; lance's fork warning is for forked workers
+            warnings.filterwarnings("ignore", message="lance is not fork-safe")
+            ray.init(address=address or "local", include_dashboard=False, logging_level=logging.WARNING)
+    except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as e:
+        where = f"the Ray cluster at {address} (RAY_ADDRESS)" if address else "a local Ray"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConversionError(f"cannot start or join {where}: {first}") from None
+    return True
+
+
 def write_fragments_ray(
     records: Iterable[Record],
     target: str,
@@ -113,6 +166,7 @@ def write_fragments_ray(
     description: str,
     fragment_bytes: int = FRAGMENT_BYTES,
     max_in_flight: int | None = None,
+    connect_timeout_s: float = 60.0,
 ) -> list:
     """Check and write ``records`` on Ray; return the ``FragmentMetadata`` list, in source order, uncommitted.
 
@@ -121,16 +175,11 @@ def write_fragments_ray(
     instead; fills ``stats`` (``image_bytes``, ``labels``: a Counter of rows per label); raises
     :class:`ConversionError` when no row is valid. At most ``max_in_flight`` blocks (default: twice the
     cluster's CPUs) are checked at a time, so the driver and the object store hold a bounded part of the
-    source however large it is.
+    source however large it is. Ray is joined or started by :func:`connect` (``connect_timeout_s``).
     """
     import ray
 
-    started = not ray.is_initialized()
-    if started:
-        with warnings.catch_warnings():
-            # ray.init starts its services with fork+exec; lance's fork warning is for forked workers
-            warnings.filterwarnings("ignore", message="lance is not fork-safe")
-            ray.init(include_dashboard=False, logging_level=logging.WARNING)
+    started = connect(connect_timeout_s)
     try:
         check = ray.remote(_check_block).options(num_returns=2)
         write = ray.remote(_write_rows)

@@ -109,22 +109,22 @@ def test_cli_summary_overwrite_and_versions(tmp_path: Path, capsys):
 
 def test_memory_stays_bounded_while_streaming(tmp_path: Path):
     """The writer consumes batches as they are produced: the source is never materialised."""
-    from data_prep import convert as mod
+    from data_prep import write as mod
 
     folder = make_imagefolder(tmp_path / "f", classes=("a",), per_class=40, size=(16, 16))
     produced = []
-    real = mod._batches
+    real = mod.record_batches
 
     def spy(*args, **kwargs):
         for batch in real(*args, **kwargs):
             produced.append(batch.num_rows)
             yield batch
 
-    mod._batches = spy
+    mod.record_batches = spy
     try:
         convert(f"imagefolder:{folder}", tmp_path / "o.lance", batch_rows=8, progress=False)
     finally:
-        mod._batches = real
+        mod.record_batches = real
     assert produced == [8] * 5
 
 

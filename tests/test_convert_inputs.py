@@ -12,7 +12,7 @@ import pytest
 from conftest import encode, id_image, photo
 
 from data_prep import check
-from data_prep import convert as convert_module
+from data_prep import pool as pool_module
 from data_prep.convert import ConversionError, convert, main
 from lance_cookbook import label_names
 
@@ -56,7 +56,7 @@ def test_non_utf8_names_convert_with_escaped_source(tmp_path: Path, capsys, monk
     from torchvision.datasets import ImageFolder
 
     if processes:
-        monkeypatch.setattr(convert_module, "PROCESS_MIN_RECORDS", 1)
+        monkeypatch.setattr(pool_module, "PROCESS_MIN_RECORDS", 1)
     root = os.fsencode(tmp_path / "in")
     for rel, seed in ((b"cat/ok.jpg", 0), (b"dog/caf\xe9.jpg", 1), (b"d\xf6g/a.jpg", 2)):
         os.makedirs(os.path.dirname(os.path.join(root, rel)), exist_ok=True)

@@ -9,6 +9,7 @@ import struct
 import sys
 import threading
 import zlib
+from multiprocessing import resource_tracker
 from pathlib import Path
 
 import lance
@@ -16,7 +17,10 @@ import pytest
 from conftest import encode, make_imagefolder, photo
 
 from data_prep import convert as convert_module
-from data_prep.convert import check_image, main
+from data_prep import pool as pool_module
+from data_prep import sources, write
+from data_prep.check import ConversionError, InvalidImage, check_image
+from data_prep.convert import main
 
 
 def png_claiming(width: int, height: int) -> bytes:
@@ -98,7 +102,7 @@ def test_bomb_limit_follows_pil_setting(monkeypatch):
     small = encode(photo(0, (40, 40)), "PNG")
     assert check_image(small, "x") == (40, 40)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
-    with pytest.raises(convert_module.InvalidImage, match="decompression bomb.*1,600 pixels"):
+    with pytest.raises(InvalidImage, match="decompression bomb.*1,600 pixels"):
         check_image(small, "x")
 
 
@@ -166,7 +170,7 @@ def test_interrupted_conversion_leaves_previous_state(tmp_path, capsys, monkeypa
     out = tmp_path / "out.lance"
     if existing:
         assert run_cli(capsys, "--source", "digits", "--split", "test", "--output", out)[0] == 0
-    real = convert_module.checked_records
+    real = pool_module.checked_records
     calls = {"n": 0}
 
     def interrupt_halfway(records):
@@ -175,8 +179,8 @@ def test_interrupted_conversion_leaves_previous_state(tmp_path, capsys, monkeypa
             raise KeyboardInterrupt
         return real(records)
 
-    monkeypatch.setattr(convert_module, "checked_records", interrupt_halfway)
-    monkeypatch.setattr(convert_module, "ThreadPoolExecutor", _InlineExecutor)
+    monkeypatch.setattr(pool_module, "checked_records", interrupt_halfway)
+    monkeypatch.setattr(pool_module, "ThreadPoolExecutor", _InlineExecutor)
     args = ["--source", f"imagefolder:{folder}", "--output", out, "--overwrite", "--rows-per-file", "8"]
     code, _, err = run_cli(capsys, *args, "--batch-rows", "8")
     assert code == 130 and "interrupted" in err
@@ -253,6 +257,8 @@ linux_only = pytest.mark.skipif(sys.platform != "linux", reason="counts child pr
 def new_children():
     """A function listing the children started since the test began (a resource tracker, a moto server
     or Ray started by an earlier test of the session stay, and are not this test's)."""
+    # A spawn pool's queues start multiprocessing's resource tracker, which lives as long as this process
+    resource_tracker.ensure_running()
     before = _children()
     return lambda: _children() - before
 
@@ -260,15 +266,15 @@ def new_children():
 @pytest.fixture
 def processes(monkeypatch):
     """Check with two worker processes whatever the source's size (the default is threads below 2,000)."""
-    monkeypatch.setattr(convert_module, "PROCESS_MIN_RECORDS", 0)
+    monkeypatch.setattr(pool_module, "PROCESS_MIN_RECORDS", 0)
     started = []
-    real = convert_module.CheckPool.__init__
+    real = pool_module.CheckPool.__init__
 
     def spy(self, workers):
         real(self, workers)
         started.append(self)
 
-    monkeypatch.setattr(convert_module.CheckPool, "__init__", spy)
+    monkeypatch.setattr(pool_module.CheckPool, "__init__", spy)
     return started
 
 
@@ -326,7 +332,7 @@ def test_interrupted_process_check_leaves_nothing_running(
 ):
     """Ctrl-C while worker processes are checking: exit 130, no dataset, no worker left behind."""
     folder = small_folder(tmp_path / "src", classes=("a", "b"), per_class=150)
-    real_batches = convert_module._batches
+    real_batches = write.record_batches
 
     def interrupt_after_first_batch(checked, *args, **kwargs):
         for i, batch in enumerate(real_batches(checked, *args, **kwargs)):
@@ -334,7 +340,7 @@ def test_interrupted_process_check_leaves_nothing_running(
                 raise KeyboardInterrupt
             yield batch
 
-    monkeypatch.setattr(convert_module, "_batches", interrupt_after_first_batch)
+    monkeypatch.setattr(write, "record_batches", interrupt_after_first_batch)
     out = tmp_path / "out.lance"
     args = ["--source", f"imagefolder:{folder}", "--output", out, "--workers", "2", "--batch-rows", "64"]
     code, _, err = run_cli(capsys, *args)
@@ -348,9 +354,9 @@ def test_interrupted_process_check_leaves_nothing_running(
 def test_ctrl_c_in_the_main_thread_stops_everything(tmp_path, capsys, monkeypatch, checker, new_children):
     """A real Ctrl-C lands in the main thread, inside lance's writer, while the reader thread is checking."""
     if checker == "processes":
-        monkeypatch.setattr(convert_module, "PROCESS_MIN_RECORDS", 0)
+        monkeypatch.setattr(pool_module, "PROCESS_MIN_RECORDS", 0)
     folder = small_folder(tmp_path / "src", classes=("a", "b"), per_class=150)
-    real_batches = convert_module._batches
+    real_batches = write.record_batches
     produced = []
 
     def interrupt_main_after_first_batch(checked, *args, **kwargs):
@@ -361,7 +367,7 @@ def test_ctrl_c_in_the_main_thread_stops_everything(tmp_path, capsys, monkeypatc
                 threading.Event().wait(0.5)  # the main thread stops while this thread is still here
             yield batch
 
-    monkeypatch.setattr(convert_module, "_batches", interrupt_main_after_first_batch)
+    monkeypatch.setattr(write, "record_batches", interrupt_main_after_first_batch)
     out = tmp_path / "out.lance"
     args = ["--source", f"imagefolder:{folder}", "--output", out, "--workers", "2", "--batch-rows", "32"]
     code, _, err = run_cli(capsys, *args)
@@ -390,16 +396,16 @@ def test_worker_killed_during_conversion_is_named_and_cleaned_up(
     tmp_path, capsys, monkeypatch, processes, new_children
 ):
     folder = small_folder(tmp_path / "src", classes=("a", "b", "c"), per_class=400)
-    real_batches = convert_module._batches
+    real_batches = write.record_batches
 
     def kill_a_worker_after_first_batch(checked, *args, **kwargs):
         for i, batch in enumerate(real_batches(checked, *args, **kwargs)):
             if i == 0:
-                for proc, _, _ in processes[0]._workers:
+                for proc in processes[0].processes():
                     proc.kill()
             yield batch
 
-    monkeypatch.setattr(convert_module, "_batches", kill_a_worker_after_first_batch)
+    monkeypatch.setattr(write, "record_batches", kill_a_worker_after_first_batch)
     out = tmp_path / "out.lance"
     args = ["--source", f"imagefolder:{folder}", "--output", out, "--workers", "2", "--batch-rows", "64"]
     code, _, err = run_cli(capsys, *args)
@@ -430,13 +436,16 @@ def test_unexpected_parser_failure_is_named_not_raised(monkeypatch):
 @linux_only
 def test_dead_check_worker_is_reported_naming_the_records(tmp_path, new_children):
     folder = small_folder(tmp_path / "src", classes=("a",), per_class=10)
-    records = list(convert_module.open_source(f"imagefolder:{folder}").records)
-    pool = convert_module.CheckPool(1)
+    records = list(sources.open_source(f"imagefolder:{folder}").records)
+    pool = pool_module.CheckPool(1)
     try:
-        pool._workers[0][0].kill()
-        pool._workers[0][0].wait()
+        pool._pool.submit(int).result()  # the pool starts its worker on the first task
+        # CheckPool.processes reads ProcessPoolExecutor's private _processes: this fails if CPython changes it
+        (worker,) = pool.processes()
+        worker.kill()
+        worker.join()
         with pytest.raises(
-            convert_module.ConversionError,
+            ConversionError,
             match=r"checking worker process \(pid \d+\) was killed by signal 9.*a/000.jpg to a/009.jpg",
         ):
             for batch in pool.checked([records]):

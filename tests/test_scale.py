@@ -22,7 +22,8 @@ import torch
 from conftest import REPO, make_imagefolder
 from tqdm.auto import tqdm
 
-from data_prep.convert import InvalidImage, convert
+from data_prep.check import InvalidImage
+from data_prep.convert import convert
 from lance_cookbook import ImageCollate, label_names, make_loader
 from lance_cookbook.object_store import local_s3, s3_storage_options
 
@@ -224,8 +225,9 @@ class TestRayEngine:
         assert rows(str(tmp_path / "ray300.lance")) == rows(str(tmp_path / "local300.lance"))
 
     def test_bounded_in_flight_blocks_still_keep_source_order(self, tmp_path):
-        from data_prep.convert import SCHEMA, digits_source
         from data_prep.ray_engine import write_fragments_ray
+        from data_prep.sources import digits_source
+        from data_prep.write import SCHEMA
 
         stats = {"image_bytes": 0, "labels": set()}
         fragments = write_fragments_ray(

@@ -1,9 +1,9 @@
-"""Conversion speed and memory: one image-folder conversion timed in a fresh interpreter, its RSS its own.
+"""Conversion speed and memory: one image-folder conversion timed by its own command line, in a fresh process.
 
-The conversion under test lives in ``data_prep``, beside this package rather than in it, so that the recipe
-in ``lance_cookbook`` can be copied alone. Only the child process imports it: the parent runs this file by
-path (``python -P conversion.py SPEC``), so neither the package nor torch loads in the child and its memory
-figures are the conversion's.
+The conversion lives beside this package rather than in it, so that the recipe in ``lance_cookbook`` can be
+copied alone: the benchmark runs its command line (``python -m CONVERT_MODULE``, importable from the
+repository root or an installed project) and reads the figures it writes with ``--summary-json``.
+Neither this package nor torch loads in the child, so its memory is the conversion's.
 """
 
 from __future__ import annotations
@@ -12,41 +12,28 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 __all__ = ["convert_in_child"]
 
-_REPO = Path(__file__).resolve().parents[2]  # where the data_prep package sits beside lance_cookbook
+CONVERT_MODULE = "data_prep.convert"  # the conversion's command line
+# What the conversion imports before it reads an image, measured alone: the baseline of its memory
+IMPORTS = "import lance, pyarrow, PIL.Image, tqdm"
+_REPO = Path(__file__).resolve().parents[2]  # a checkout's root: the conversion sits beside this package
 
 
-def convert_in_child(folder: str, output: str, *, progress: bool) -> dict[str, Any]:
-    """Convert the image folder ``folder`` into the Lance dataset ``output`` (replacing it) in a fresh
-    interpreter.
-
-    Returns
-    -------
-    dict
-        ``rows``, ``seconds`` and ``images_per_s`` of the conversion itself (imports excluded),
-        ``image_bytes``, ``disk_bytes``, ``rss_before`` and ``rss_after`` (bytes resident after the imports
-        and after the conversion) and ``peak_rss`` (the child's peak resident bytes, sampled every 10 ms).
-
-    Raises
-    ------
-    RuntimeError
-        If the conversion fails; its own error is on stderr, which the child shares with this process.
-    """
-    from .measure import PeakRSS  # here, not at the top: the child runs this file outside the package
-
+def _child_env() -> dict[str, str]:
     path = os.pathsep.join([str(_REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    spec = {"source": f"imagefolder:{folder}", "output": output, "overwrite": True, "progress": progress}
-    proc = subprocess.Popen(
-        [sys.executable, "-P", __file__, json.dumps(spec)],  # -P: this folder's modules shadow nothing
-        env=dict(os.environ, PYTHONPATH=path),
-        stdout=subprocess.PIPE,
-        stderr=None,
-        text=True,
-    )
+    return dict(os.environ, PYTHONPATH=path)
+
+
+def _peak_rss(cmd: list[str]) -> tuple[subprocess.CompletedProcess, int]:
+    """Run ``cmd``; return its completed process and its peak resident bytes, sampled every 10 ms."""
+    from .measure import PeakRSS
+
+    proc = subprocess.Popen(cmd, env=_child_env(), stdout=subprocess.PIPE, stderr=None, text=True)
     # Sampled from here: the child's own getrusage peak would not do, as Linux keeps in it the peak of the
     # process image it was forked from (this one, torch loaded) across exec. Popen returns after the exec.
     try:
@@ -56,32 +43,33 @@ def convert_in_child(folder: str, output: str, *, progress: bool) -> dict[str, A
         proc.kill()
         proc.wait()
         raise
-    if proc.returncode != 0:
-        raise RuntimeError(f"conversion of {folder} failed (exit {proc.returncode})")
-    out = json.loads(stdout.strip().splitlines()[-1])
-    out["peak_rss"] = max(rss.peaks.get(proc.pid, 0), out["rss_before"], out["rss_after"])
-    out["images_per_s"] = out["rows"] / out["seconds"] if out["seconds"] else float("inf")
-    return out
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout), rss.peaks.get(proc.pid, 0)
 
 
-def _child(spec_json: str) -> None:
-    import psutil
+def convert_in_child(folder: str, output: str, *, progress: bool) -> dict[str, Any]:
+    """Convert the image folder ``folder`` into the Lance dataset ``output`` (replacing it) with the
+    conversion's command line.
 
-    spec = json.loads(spec_json)
-    from data_prep.convert import convert
+    Returns
+    -------
+    dict
+        ``rows``, ``seconds`` and ``images_per_s`` of the conversion itself (start-up excluded),
+        ``image_bytes``, ``disk_bytes``, ``peak_rss`` (the child's peak resident bytes, sampled every 10 ms)
+        and ``rss_before`` (the peak of a process that only imports what the conversion imports).
 
-    rss_before = psutil.Process().memory_info().rss
-    summary = convert(spec["source"], spec["output"], overwrite=spec["overwrite"], progress=spec["progress"])
-    figures = {
-        "rows": summary.rows,
-        "seconds": summary.seconds,
-        "image_bytes": summary.image_bytes,
-        "disk_bytes": summary.disk_bytes,
-        "rss_before": rss_before,
-        "rss_after": psutil.Process().memory_info().rss,
-    }
-    print(json.dumps(figures))
-
-
-if __name__ == "__main__":
-    _child(sys.argv[1])
+    Raises
+    ------
+    RuntimeError
+        If the conversion fails; its own error is on stderr, which the child shares with this process.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        summary = Path(tmp) / "summary.json"
+        cmd = [sys.executable, "-m", CONVERT_MODULE, "--source", f"imagefolder:{folder}", "--output", output]
+        cmd += ["--overwrite", "--summary-json", str(summary)] + ([] if progress else ["--no-progress"])
+        done, peak = _peak_rss(cmd)
+        if done.returncode != 0:
+            raise RuntimeError(f"conversion of {folder} failed (exit {done.returncode})")
+        out = json.loads(summary.read_text())
+    _, imports = _peak_rss([sys.executable, "-c", IMPORTS])
+    figures = {k: out[k] for k in ("rows", "seconds", "image_bytes", "disk_bytes", "images_per_s")}
+    return figures | {"rss_before": imports, "peak_rss": max(peak, imports)}
