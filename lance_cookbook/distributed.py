@@ -1,0 +1,94 @@
+"""Process-group plumbing for training: join torchrun's group, sum numbers over ranks, and let rank 0
+decide what every rank reads (dataset versions) before any rank opens it."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+from .dataset import DatasetNotFound, latest_version
+
+
+def setup_distributed() -> tuple[int, int, torch.device]:
+    """Join the process group torchrun describes (nccl on CUDA, gloo on CPU), or run alone.
+
+    Returns
+    -------
+    tuple of (int, int, torch.device)
+        ``(rank, world_size, device)``; ``(0, 1, ...)`` without torchrun's ``RANK`` variable.
+    """
+    if "RANK" not in os.environ:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return 0, 1, device
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local_rank)
+        backend, device = "nccl", torch.device("cuda", local_rank)
+    else:
+        backend, device = "gloo", torch.device("cpu")
+    store, rank, world = next(dist.rendezvous("env://"))
+    # After a torchrun restart, the restarted ranks met gloo addresses left in the store by the killed
+    # attempt ("connectFullMesh failed ... Connection refused"): keep each attempt's keys apart.
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.PrefixStore(f"lance_cookbook/attempt_{attempt}", store)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def all_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum numbers over all ranks in float64 (identity when running alone)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def agreed_versions(
+    uris: dict[str, str], requested: dict[str, int | None], storage_options: dict | None, rank: int
+) -> dict[str, int]:
+    """The dataset version each rank reads, decided once by rank 0 and broadcast before any rank opens
+    the data.
+
+    Each rank resolving "latest" itself can see a different version when a writer commits while the job
+    starts; ranks then disagree on the dataset length, run different numbers of steps and hang in a
+    gradient ``all_reduce``.
+
+    Parameters
+    ----------
+    uris : dict of str to str
+        A name (``"train"``) to its URI.
+    requested : dict of str to int or None
+        The same names to a version number, or ``None`` for the latest.
+    storage_options : dict, optional
+        Object-store options for every URI.
+    rank : int
+        This process's rank; rank 0 decides.
+
+    Returns
+    -------
+    dict of str to int
+        The same names to the version every rank reads.
+
+    Raises
+    ------
+    DatasetNotFound
+        On every rank, when rank 0 cannot open a URI.
+    """
+    decided: list = [None]
+    if rank == 0:
+        try:
+            decided[0] = {
+                name: requested[name]
+                if requested[name] is not None
+                else latest_version(uri, storage_options=storage_options)
+                for name, uri in uris.items()
+            }
+        except DatasetNotFound as e:
+            decided[0] = e
+    if dist.is_initialized():
+        dist.broadcast_object_list(decided, src=0)
+    if isinstance(decided[0], Exception):
+        raise decided[0]
+    return decided[0]

@@ -1,0 +1,89 @@
+"""Training reports: the opening line, each epoch's metrics row (printed, in the metrics JSON, in
+TensorBoard) and the digest of the epoch's sample order."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write ``data`` to ``path`` atomically: a crash leaves the previous file, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def _quiet(*args, **kwargs) -> None:
+    """The log of ranks other than 0."""
+
+
+def order_digest(indices: list[int]) -> str:
+    """A 16-hex-digit digest of a sample order: equal digests, equal orders."""
+    return hashlib.sha1(json.dumps(indices).encode()).hexdigest()[:16]
+
+
+def describe_run(args, world: int, device: torch.device, train_ds, val_ds, versions: dict, log) -> None:
+    """Rank 0's opening line: world, device, data, versions, model; a note when ``--amp`` cannot apply."""
+    log(
+        f"world size {world} on {device}; {len(train_ds):,} train rows (version {versions['train']}) / "
+        f"{len(val_ds):,} val rows (version {versions['val']}), model {args.model}, "
+        f"{args.workers} worker(s) per process",
+        flush=True,
+    )
+    if args.amp and device.type != "cuda":
+        log("--amp: no CUDA device, so no autocast and no channels_last: training in float32", flush=True)
+
+
+def epoch_metrics(epoch: int, sums: dict[str, float], correct: int, val_seen: int, digest: str) -> dict:
+    """One epoch's row of the metrics JSON from the training sums (already summed over ranks)."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    seconds = sums["step_s"] / world  # each rank timed the same wall-clock epoch
+    return {
+        "epoch": epoch,
+        "train_loss": sums["loss_sum"] / max(sums["samples"], 1),
+        "train_samples_seen": int(sums["samples"]),
+        "val_samples_seen": val_seen,
+        "val_accuracy": correct / max(val_seen, 1),
+        "images_per_s": sums["samples"] / seconds if seconds > 0 else 0.0,
+        "seconds": seconds,
+        "data_wait_s": sums["data_wait_s"] / world,  # mean per rank
+        "data_wait_fraction": sums["data_wait_s"] / sums["step_s"] if sums["step_s"] > 0 else 0.0,
+        "order_digest": digest,
+    }
+
+
+def record_epoch(metrics: dict, row: dict, path: Path | None, rank: int, log: Callable) -> None:
+    """Append ``row`` to ``metrics``, print it on rank 0 and rewrite ``path`` there (atomically)."""
+    metrics["epochs"].append(row)
+    log(
+        f"epoch {row['epoch']}: loss {row['train_loss']:.4f}, val acc {row['val_accuracy']:.2%} "
+        f"({row['val_samples_seen']} samples), {row['images_per_s']:,.0f} img/s, "
+        f"{row['data_wait_fraction']:.0%} of step time waiting for data",
+        flush=True,
+    )
+    if rank == 0 and path:
+        write_json(path, metrics)
+
+
+@contextlib.contextmanager
+def tensorboard_writer(log_dir: Path | None, rank: int):
+    """A ``torch.utils.tensorboard.SummaryWriter`` on rank 0 with ``--log-dir``; ``None`` otherwise."""
+    if log_dir is None or rank != 0:
+        yield None
+        return
+    from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+
+    writer = SummaryWriter(str(log_dir))
+    try:
+        yield writer
+    finally:
+        writer.close()
