@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 run: $(VENV)/.installed data notebooks
 
 data: $(VENV)/.installed
-	$(PY) -c "import lance_cookbook as lc; print(lc.ensure_digits('$(DATA)', progress=True))"
+	$(PY) -c "from data_prep.digits import ensure_digits; print(ensure_digits('$(DATA)', progress=True))"
 
 notebooks: $(VENV)/.installed
 	@mkdir -p $(BUILD)

@@ -6,7 +6,7 @@ The map-style recipe: ``SafeLanceDataset`` (batched ``take`` of raw image bytes)
 
 from .block_sampler import BlockShuffleSampler
 from .collate import Batch, DecodeError, ImageCollate
-from .data import default_data_dir, ensure_digits
+from .data import default_data_dir
 from .dataset import (
     DatasetNotFound,
     EmptyDataset,
@@ -45,7 +45,6 @@ __all__ = [
     "default_data_dir",
     "dataset_options",
     "default_workers",
-    "ensure_digits",
     "label_names",
     "latest_version",
     "make_loader",

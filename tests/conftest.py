@@ -57,7 +57,7 @@ def imagefolder(tmp_path: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def digits(tmp_path_factory) -> tuple[str, str]:
-    from lance_cookbook import ensure_digits
+    from data_prep.digits import ensure_digits
 
     return ensure_digits(tmp_path_factory.mktemp("digits"))
 

@@ -110,7 +110,7 @@ def test_notebook(path: Path, check):
 @pytest.mark.parametrize("name", CHAPTERS)
 def test_chapter_uses_the_shared_digits(name: str):
     sources = "\n".join(source for _, _, source in code_cells(load(NOTEBOOK_DIR / name)))
-    assert "train_uri, test_uri = lc.ensure_digits()" in sources
+    assert "train_uri, test_uri = ensure_digits()" in sources
 
 
 def test_collate_chapter_keeps_its_benchmark_section():
