@@ -10,7 +10,7 @@ __all__ = ["default_data_dir"]
 
 def default_data_dir() -> Path:
     """``$LANCE_COOKBOOK_DATA``, else ``data/`` at the repository root (next to ``notebooks/``). The
-    embedded digits are converted there by ``data_prep.digits.ensure_digits``."""
+    embedded digits are converted there by the conversion package (``ensure_digits``)."""
     env = os.environ.get("LANCE_COOKBOOK_DATA")
     if env:
         return Path(env)

@@ -197,7 +197,7 @@ def label_names(
     version: int | str | None = None,
     storage_options: dict[str, str] | None = None,
 ) -> list[str]:
-    """Class names stored by ``data_prep.convert`` in the schema metadata (``label_names``, a JSON list),
+    """Class names stored by the conversion in the schema metadata (``label_names``, a JSON list),
     in class-index order; ``[]`` when the dataset stores none. Raises :class:`DatasetNotFound`."""
     ds = _open(uri, dataset_options(version, storage_options))
     raw = (ds.schema.metadata or {}).get(b"label_names")

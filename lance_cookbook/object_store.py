@@ -114,7 +114,7 @@ def local_s3(
 
     For tests and notebooks: the server lives in a thread of this process and forgets everything when the
     block ends; moto accepts any ``key``/``secret``. Other processes (DataLoader workers, a
-    ``data_prep.convert`` subprocess) reach it over HTTP with the yielded options. Needs the ``scale``
+    conversion subprocess) reach it over HTTP with the yielded options. Needs the ``scale``
     extra (``moto[server]``, ``boto3``).
     """
     import boto3
