@@ -265,27 +265,11 @@ def _write_local(src, dest, max_rows, rows_per_file, skip_invalid, workers, batc
             pool.close()
 
 
-def add_storage_option_argument(parser: argparse.ArgumentParser, help: str) -> None:
-    """The repeatable ``--storage-option KEY=VALUE``; read it as ``dict(args.storage_option)``."""
-    parser.add_argument(
-        "--storage-option",
-        action="append",
-        type=storage_option_arg,
-        default=[],
-        metavar="KEY=VALUE",
-        help=help,
-    )
-
-
-def storage_option_arg(text: str) -> tuple[str, str]:
-    """argparse ``type=`` for a repeatable ``--storage-option KEY=VALUE``; ``dict(args.storage_option)``."""
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    return key, value
-
-
 def build_parser() -> argparse.ArgumentParser:
+    # Imported here, not at the top: importing lance_cookbook loads torch, and the checking workers import
+    # this module again (see convert())
+    from lance_cookbook.cli import add_storage_option_argument
+
     p = argparse.ArgumentParser(
         prog="python -m data_prep.convert",
         description="Convert an image dataset into Lance, keeping each image's original encoded bytes.",
