@@ -93,7 +93,7 @@ def load_latest(
     """
     for path in list_checkpoints(directory):
         try:
-            state = torch.load(path, map_location=map_location, weights_only=False)
+            state = torch.load(path, map_location=map_location, weights_only=True)
         except Exception as e:  # torch.load raises RuntimeError, EOFError, UnpicklingError... on damage
             warnings.warn(f"skipping unreadable checkpoint {path}: {type(e).__name__}: {e}", stacklevel=2)
             continue
