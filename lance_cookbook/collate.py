@@ -35,9 +35,11 @@ __all__ = ["Batch", "ImageCollate", "DecodeError", "stack_channels_last"]
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 
-# The evaluation crop's share of the resized shorter side: 224 of 256 in torchvision's
-# references/classification/presets.py (ClassificationPresetEval), timm's crop_pct default.
-EVAL_CROP_FRACTION = 0.875
+# The evaluation crop's share of the resized shorter side. torchvision's references/classification/presets.py
+# (ClassificationPresetEval) uses 224 of 256 = 0.875 for ImageNet photos; the default here is 1.0 (shorter
+# side to the output size, centre crop): nothing is cut from a square image, such as the embedded digits.
+REFERENCE_CROP_FRACTION = 0.875
+EVAL_CROP_FRACTION = 1.0
 
 # The decoders only read the bytes they get, so viewing read-only buffers (Python bytes, Arrow buffers)
 # with torch.frombuffer is safe; one targeted filter instead of catch_warnings, which is not thread-safe.
@@ -227,10 +229,10 @@ class ImageCollate:
         size: output height and width.
         train: ``True``: ``RandomResizedCrop(size)`` + horizontal flip. ``False``: the standard evaluation
             transform, shorter side resized to ``floor(size / crop_fraction)`` then a centre crop of
-            ``size`` (torchvision's ``references/classification/presets.py``: resize 256, crop 224), so a
-            non-square photo keeps its proportions instead of being squashed.
-        crop_fraction: the evaluation crop's share of the resized shorter side (0.875 = 224/256, the
-            reference's and timm's default); 1.0 resizes the shorter side to ``size`` and crops the rest.
+            ``size``, so a non-square photo keeps its proportions instead of being squashed.
+        crop_fraction: the evaluation crop's share of the resized shorter side. 1.0 (default) resizes the
+            shorter side to ``size`` and crops the rest; 0.875 (``REFERENCE_CROP_FRACTION``) is
+            torchvision's ``references/classification/presets.py`` recipe for photos (resize 256, crop 224).
         decoder: ``"torchvision"`` decodes all JPEGs of the batch in one ``torchvision.io.decode_jpeg`` call
             (8-bit PNG and still WebP through ``decode_image``; GIF, animated WebP, 16-bit PNG, BMP, TIFF
             and PNM through the PIL reference, chosen from each image's header) and resizes uint8 tensors;

@@ -164,8 +164,8 @@ def corpus() -> dict[str, Sample]:
     return {s.filename.split(".")[0]: s for s in samples}
 
 
-# ImageCollate(train=False)'s geometry, written out: shorter side to floor(SIZE / 0.875), centre crop SIZE
-RESIZE = v2.Compose([v2.Resize(int(SIZE / 0.875), antialias=True), v2.CenterCrop(SIZE), v2.PILToTensor()])
+# ImageCollate(train=False)'s geometry, written out: shorter side to SIZE, centre crop SIZE
+RESIZE = v2.Compose([v2.Resize(SIZE, antialias=True), v2.CenterCrop(SIZE), v2.PILToTensor()])
 
 
 def expected(sample: Sample, path: Path) -> torch.Tensor:

@@ -277,13 +277,13 @@ def test_batch_size_none_gives_one_decoded_row_per_item(id_dataset):
 
 
 def test_evaluation_keeps_proportions_with_both_decoders():
-    """train=False: shorter side to floor(size / 0.875), centre crop (torchvision's reference), so a wide
-    photo's middle fills the output instead of the whole photo being squashed."""
+    """train=False: shorter side resized, centre crop (torchvision's reference recipe), so a wide photo's
+    middle fills the output instead of the whole photo being squashed."""
     wide = Image.new("RGB", (64, 16), (255, 0, 0))
     wide.paste((0, 0, 255), (24, 0, 40, 16))  # a blue band in the middle third of a red photo
     blob = encode(wide, "PNG")
     for decoder in ("pil", "torchvision"):
-        collate = ImageCollate(14, decoder=decoder, dtype=torch.uint8)
+        collate = ImageCollate(14, decoder=decoder, dtype=torch.uint8, crop_fraction=0.875)
         assert collate.resize_size == 16
         image = collate([{"image": blob, "label": 0}]).image[0]
         # the 14 px crop of a 64x16 photo resized to 64x16 is columns 25-38: all blue

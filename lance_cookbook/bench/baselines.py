@@ -21,9 +21,9 @@ __all__ = ["BytesImageFolder", "HFTransform", "RowByRowDataset", "load_hf", "pil
 
 
 def pil_eval_transform(size: int) -> T.Compose:
-    """What users write today for evaluation, on PIL images: torchvision's reference ``Resize`` of the
-    shorter side to ``floor(size / 0.875)``, ``CenterCrop(size)``, ``ToTensor`` -> float32 ``[3, size,
-    size]`` in [0, 1]; the same geometry as ``ImageCollate(size, train=False)``."""
+    """What users write today for evaluation, on PIL images: ``Resize`` of the shorter side to
+    ``floor(size / EVAL_CROP_FRACTION)``, ``CenterCrop(size)``, ``ToTensor`` -> float32 ``[3, size, size]``
+    in [0, 1]; the same geometry as ``ImageCollate(size, train=False)``."""
     return T.Compose([T.Resize(math.floor(size / EVAL_CROP_FRACTION)), T.CenterCrop(size), T.ToTensor()])
 
 
