@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import lance
@@ -229,7 +230,7 @@ class TestRayEngine:
         from data_prep.sources import digits_source
         from data_prep.write import SCHEMA
 
-        stats = {"image_bytes": 0, "labels": set()}
+        stats = {"image_bytes": 0, "labels": Counter()}
         fragments = write_fragments_ray(
             digits_source("test").records,
             str(tmp_path / "ray.lance"),
