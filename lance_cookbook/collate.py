@@ -223,39 +223,56 @@ def _fast_path(data: bytes) -> str:
 
 
 class ImageCollate:
-    """Collate ``SafeLanceDataset`` rows (``list[dict]`` with encoded ``image`` bytes and ``label``).
+    """Collate ``SafeLanceDataset`` rows (``list[dict]`` with encoded ``image`` bytes and ``label``) into
+    a :class:`Batch`. Picklable, so spawn workers can use it; transforms are built once.
 
-    Args:
-        size: output height and width.
-        train: ``True``: ``RandomResizedCrop(size)`` + horizontal flip. ``False``: the standard evaluation
-            transform, shorter side resized to ``floor(size / crop_fraction)`` then a centre crop of
-            ``size``, so a non-square photo keeps its proportions instead of being squashed.
-        crop_fraction: the evaluation crop's share of the resized shorter side. 1.0 (default) resizes the
-            shorter side to ``size`` and crops the rest; 0.875 (``REFERENCE_CROP_FRACTION``) is
-            torchvision's ``references/classification/presets.py`` recipe for photos (resize 256, crop 224).
-        decoder: ``"torchvision"`` decodes all JPEGs of the batch in one ``torchvision.io.decode_jpeg`` call
-            (8-bit PNG and still WebP through ``decode_image``; GIF, animated WebP, 16-bit PNG, BMP, TIFF
-            and PNM through the PIL reference, chosen from each image's header) and resizes uint8 tensors;
-            ``"pil"`` decodes and transforms each image with PIL. Both give the pixels torchvision's
-            ``ImageFolder`` loader (``Image.open(f).convert("RGB")``) gives, to within 2 of 255 levels after
-            the same resize: the first frame of an animated image, alpha dropped (not composited), EXIF
-            orientation ignored. One deliberate difference: a 16-bit sample ``v`` (PNG, TIFF, PGM/PPM)
-            becomes ``round(v / 257)``, where that loader saturates 16-bit grey to white
-            (pytorch/vision#2218).
-        dtype: ``torch.float32`` (scaled to [0, 1]) or ``torch.uint8`` (raw pixels: 4x fewer bytes between
-            processes; convert and normalize on the device with :func:`lance_cookbook.to_device`).
-        on_error: ``"raise"`` (default) raises :class:`DecodeError` naming the row; ``"skip"`` drops the row
-            with a warning and counts it in ``self.skipped`` (per process); a batch with no decodable row
-            still raises.
-        image_column, label_column: column names in the rows.
+    Parameters
+    ----------
+    size : int
+        Output height and width in pixels.
+    train : bool
+        ``True``: ``RandomResizedCrop(size)`` + horizontal flip. ``False``: the evaluation transform, shorter
+        side resized to ``floor(size / crop_fraction)`` then a centre crop of ``size``, so a non-square
+        photo keeps its proportions instead of being squashed.
+    decoder : {"pil", "torchvision"}
+        ``"torchvision"`` decodes all JPEGs of the batch in one ``torchvision.io.decode_jpeg`` call (8-bit
+        PNG and still WebP through ``decode_image``; GIF, animated WebP, 16-bit PNG, BMP, TIFF and PNM
+        through the PIL reference, chosen from each image's header) and resizes uint8 tensors; ``"pil"``
+        decodes and transforms each image with PIL. Both give the pixels torchvision's ``ImageFolder``
+        loader (``Image.open(f).convert("RGB")``) gives, to within 2 of 255 levels after the same resize
+        (``tests/test_decoders.py``): the first frame of an animated image, alpha dropped (not composited),
+        EXIF orientation ignored. One deliberate difference: a 16-bit sample ``v`` (PNG, TIFF, PGM/PPM)
+        becomes ``round(v / 257)``, where that loader saturates 16-bit grey to white (pytorch/vision#2218).
+    dtype : {torch.float32, torch.uint8}
+        ``torch.float32`` (scaled to [0, 1]) or ``torch.uint8`` (raw pixels: 4x fewer bytes between
+        processes; convert and normalize on the device with :func:`lance_cookbook.to_device`).
+    on_error : {"raise", "skip"}
+        ``"raise"`` raises :class:`DecodeError` naming the row; ``"skip"`` drops the row with a warning and
+        counts it in ``self.skipped`` (per process); a batch with no decodable row still raises.
+    image_column, label_column : str
+        Column names in the rows.
+    crop_fraction : float
+        The evaluation crop's share of the resized shorter side, in (0, 1]. 1.0 (default) resizes the
+        shorter side to ``size`` and crops the rest; 0.875 (``REFERENCE_CROP_FRACTION``) is torchvision's
+        ``references/classification/presets.py`` recipe for photos (resize 256, crop 224).
 
-    Returns a :class:`Batch` ``(image [B, 3, size, size], label int64 [B])``; given one row (a ``dict``, as a
-    ``DataLoader`` with ``batch_size=None`` passes), ``(image [3, size, size], label int64 [])``. The image
-    batch is stored ``channels_last`` (NHWC strides, the layout the decoders write; convolutions accept it and
-    it is the faster layout on GPUs); ``images.contiguous()`` gives NCHW strides where code needs them.
-    Grayscale, RGBA, palette and CMYK inputs all come out RGB. Raises :class:`DecodeError` naming the row for
-    bytes neither path decodes (with ``on_error="raise"``), wherever in the batch decode it fails. Picklable,
-    so spawn workers can use it; transforms are built once.
+    Returns
+    -------
+    Batch
+        Called on rows: ``(image [B, 3, size, size], label int64 [B])``; on one row (a ``dict``, as a
+        ``DataLoader`` with ``batch_size=None`` passes): ``(image [3, size, size], label int64 [])``. The
+        image batch is stored ``channels_last`` (NHWC strides, the layout the decoders write; convolutions
+        accept it and it is the faster layout on GPUs); ``images.contiguous()`` gives NCHW strides.
+        Grayscale, RGBA, palette and CMYK inputs all come out RGB.
+
+    Raises
+    ------
+    ValueError
+        At construction, for an unknown ``decoder``, ``dtype``, ``on_error``, a size below 1 or a
+        ``crop_fraction`` outside (0, 1].
+    DecodeError
+        When called, for bytes neither path decodes (with ``on_error="raise"``), naming the row, wherever in
+        the batch decode it fails; with ``on_error="skip"``, when no row of the batch decodes.
     """
 
     def __init__(
