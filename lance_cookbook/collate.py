@@ -3,13 +3,14 @@
 Workers fetch raw encoded bytes with one batched ``take``; decoding and resizing happen here, in the
 collate function, so they run in parallel across workers and only fixed-size tensors cross processes.
 
-What makes the ``decoder="torchvision"`` path fast (measured in ``docs/benchmark.md``):
+What makes the ``decoder="torchvision"`` path fast (each step measured in ``docs/benchmark.md``, "Where
+the time goes"):
 
 - one ``decode_jpeg`` call per batch, reading the bytes in place (no copy);
 - resize and crop through torchvision's tensor kernels, skipping the per-call overhead of ``v2.Compose``
-  (about 5 us per image: a third of the 16 us decode of a 32 px JPEG);
-- decoded images are stored HWC, so the batch is stacked NHWC (``channels_last``): a plain copy (9 us per
-  224 px image), where stacking into NCHW is a transpose (44 us; the decode is 530 us);
+  (a third of the decode time of a 32 px JPEG);
+- decoded images are stored HWC, so the batch is stacked NHWC (``channels_last``): a plain copy, where
+  stacking into NCHW is a transpose (five times slower at 224 px);
 - a large batch is written straight into shared memory inside a worker, so handing it over copies nothing;
   a small one (and every label tensor) travels through the worker's pipe by value, because passing a
   shared-memory file descriptor costs a socket round trip per tensor (see :class:`Batch`).
@@ -112,9 +113,10 @@ def stack_channels_last(
     """Stack ``[3, H, W]`` images into a ``[B, 3, H, W]`` batch stored NHWC (``channels_last``).
 
     ``decode_jpeg`` and the uint8 resize return images stored HWC, so this is a plain copy where
-    ``torch.stack`` into NCHW is a transpose (5x slower at 224 px). ``dtype=torch.float32`` converts uint8
-    to float in [0, 1] in the same pass. A batch over ``BY_VALUE_MAX_BYTES`` is written into shared memory
-    when ``shared`` is True, or by default when called inside a DataLoader worker.
+    ``torch.stack`` into NCHW is a transpose (five times slower at 224 px, ``docs/benchmark.md``).
+    ``dtype=torch.float32`` converts uint8 to float in [0, 1] in the same pass. A batch over
+    ``BY_VALUE_MAX_BYTES`` is written into shared memory when ``shared`` is True, or by default when called
+    inside a DataLoader worker.
     """
     c, h, w = images[0].shape
     out = _empty((len(images), h, w, c), dtype or images[0].dtype, shared)
