@@ -30,6 +30,11 @@ from dataclasses import dataclass, field
 from PIL import Image
 from tqdm import tqdm
 
+# Torch-free helpers: lance_cookbook exports lazily, so these load neither torch nor Lance (the spawn workers
+# import this module again; tests/test_convert_imports.py checks both)
+from lance_cookbook.cli import add_storage_option_argument
+from lance_cookbook.disk_usage import dir_bytes
+
 from .check import ConversionError, InvalidImage, ParameterError
 from .pool import checked_batches
 from .sources import IMAGE_EXTENSIONS, Source, digits_source, open_source  # noqa: F401 - see __getattr__
@@ -166,10 +171,7 @@ def convert(
     if engine not in ("local", "ray"):
         raise ParameterError(f"unknown {{name}} {engine!r} (choose local or ray)", "engine", "--engine")
     # Imported here: the spawn workers of data_prep.pool import the command's module (this one, under
-    # `python -m data_prep.convert`) again, and Lance (~0.5 s) or lance_cookbook's torch (~3 s) would
-    # delay every worker's start.
-    from lance_cookbook.disk_usage import dir_bytes
-
+    # `python -m data_prep.convert`) again, and Lance (~0.5 s) would delay every worker's start.
     from .write import Destination, dataset_metadata, store_error
 
     uri = str(output)
@@ -266,10 +268,6 @@ def _write_local(src, dest, max_rows, rows_per_file, skip_invalid, workers, batc
 
 
 def build_parser() -> argparse.ArgumentParser:
-    # Imported here, not at the top: importing lance_cookbook loads torch, and the checking workers import
-    # this module again (see convert())
-    from lance_cookbook.cli import add_storage_option_argument
-
     p = argparse.ArgumentParser(
         prog="python -m data_prep.convert",
         description="Convert an image dataset into Lance, keeping each image's original encoded bytes.",
