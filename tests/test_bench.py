@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from lance_cookbook import ImageCollate, LanceImageDataset, bench, synthetic
-from lance_cookbook.bench import measure
+from lance_cookbook.bench import cache, measure
 from lance_cookbook.disk_usage import dir_bytes
 
 OPTIONS = [
@@ -38,6 +38,7 @@ OPTIONS = [
     "--seed",
     "--loaders",
     "--work-dir",
+    "--cache",
     "--no-progress",
 ]
 
@@ -244,3 +245,62 @@ def test_dir_bytes_counts_apparent_and_allocated(tmp_path):
     (tmp_path / "y.bin").write_bytes(b"y" * 5000)
     apparent, allocated = dir_bytes(tmp_path)
     assert apparent == 6000 and allocated > 0 and allocated % 512 == 0
+
+
+def test_evict_advises_every_file_of_every_path(tmp_path, monkeypatch):
+    # the page cache itself cannot be inspected from Python (no mincore): check that every file is opened
+    # and advised DONTNEED over its whole length, after a sync
+    (tmp_path / "folder" / "a").mkdir(parents=True)
+    files = [tmp_path / "folder" / "a" / "1.jpg", tmp_path / "folder" / "2.jpg", tmp_path / "x.lance" / "d"]
+    files[2].parent.mkdir()
+    lone = tmp_path / "shard-0.tar"
+    for path in [*files, lone]:
+        path.write_bytes(b"data")
+    calls: list[tuple[str, int, int, int]] = []
+    events: list[str] = []
+
+    def fadvise(fd, offset, length, advice):
+        calls.append((os.readlink(f"/proc/self/fd/{fd}"), offset, length, advice))
+        events.append("advise")
+
+    monkeypatch.setattr(cache, "CAN_EVICT", True)
+    monkeypatch.setattr(cache.os, "POSIX_FADV_DONTNEED", 4, raising=False)
+    monkeypatch.setattr(cache.os, "posix_fadvise", fadvise, raising=False)
+    monkeypatch.setattr(cache.os, "sync", lambda: events.append("sync"))
+    paths = [tmp_path / "folder", tmp_path / "x.lance", lone, tmp_path / "missing"]
+    assert cache.evict(paths) == 4
+    assert sorted(c[0] for c in calls) == sorted(str(p) for p in [*files, lone])
+    assert all(c[1:] == (0, 0, 4) for c in calls)  # whole file, DONTNEED
+    assert events[0] == "sync" and events.count("sync") == 1
+    assert cache.evict([tmp_path / "missing"]) == 0
+
+
+def test_evict_refuses_without_fadvise(monkeypatch):
+    monkeypatch.setattr(cache, "CAN_EVICT", False)
+    with pytest.raises(OSError, match="cold regime"):
+        cache.evict(["."])
+
+
+def test_bench_cold_and_warm_side_by_side(tmp_path, capsys, monkeypatch):
+    evicted: list[list[str]] = []
+    real_evict = cache.evict
+
+    def spy(paths):
+        evicted.append([str(p) for p in paths])
+        return real_evict(paths)
+
+    monkeypatch.setattr(bench.candidates, "evict", spy)
+    loaders = "imagefolder_tv,lance_tv_uint8_block,bound_tv"
+    assert bench.main(_quick_args(tmp_path, 0, "--cache", "both", "--loaders", loaders)) == 0
+    out = capsys.readouterr().out
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["config"]["cache"] == "both"
+    for key, res in report["loaders"].items():
+        assert len(res["rounds"]) == 1 and len(res["cold_rounds"]) == 1, key
+        assert res["images_per_s"] > 0 and res["cold_images_per_s"] > 0, key
+    # one eviction per cold epoch, of that loader's own files (the bound decodes bytes in memory)
+    folder, uri = str(tmp_path / "img"), report["lance_uri"]
+    assert sorted(evicted) == sorted([[folder], [uri], []])
+    assert "cold img/s" in out and "warm and cold page cache" in out
+    assert "cold lance_tv_uint8_block/imagefolder_tv" in report["ratios"]
+    assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

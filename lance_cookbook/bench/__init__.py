@@ -2,7 +2,7 @@
 
     python -m lance_cookbook.bench --imagefolder DIR [--lance URI] [--image-size S] [--batch-size B]
         [--workers W] [--epochs E] [--json FILE] [--plot FILE] [--quick]
-        [--generate N --generate-size WxH]
+        [--generate N --generate-size WxH] [--cache warm|cold|both]
 
 Every loader reads the same images in the same shuffled order, with the same batch size, the same number
 of ``spawn`` workers (kept alive across epochs) and the same output size. The first epoch of each loader is
@@ -31,18 +31,24 @@ Loaders (keys for ``--loaders``):
 ``--breakdown`` also times each step of a worker of (g) on its own (CPU us per image), and every loader
 reports the CPU time per image its main process and its workers spent in the best timed epoch.
 
+``--cache cold`` evicts every file of a loader's data from the page cache (``posix_fadvise(DONTNEED)``, no
+privileges) before each of its timed epochs: the regime of a dataset larger than memory; ``--cache both``
+reports warm and cold figures side by side.
+
 Also reported: conversion images/s and peak RSS (in a fresh process), bytes on disk per format, peak RSS
 of the main process (per loader) and of the workers, in MiB. Output: a table on stdout, ``--json``,
 ``--plot``.
 
 Modules: :mod:`.candidates` (the loaders and their timed epoch), :mod:`.arrow` and :mod:`.baselines` (the
 datasets and collates they add), :mod:`.measure` (CPU seconds and RSS through psutil), :mod:`.conversion`,
-:mod:`.breakdown`, :mod:`.runner` (the whole run), :mod:`.report` (table and plot), :mod:`.cli`.
+:mod:`.breakdown`, :mod:`.cache` (page-cache eviction), :mod:`.runner` (the whole run), :mod:`.report`
+(table and plot), :mod:`.cli`.
 """
 
 from .arrow import ArrowImageCollate, ArrowLanceDataset, jpeg_views
 from .baselines import BytesImageFolder, HFTransform, RowByRowDataset
 from .breakdown import breakdown
+from .cache import evict
 from .candidates import BOUNDS, LOADERS
 from .cli import build_parser, main
 from .report import format_table, plot
@@ -58,6 +64,7 @@ __all__ = [
     "RowByRowDataset",
     "breakdown",
     "build_parser",
+    "evict",
     "format_table",
     "jpeg_views",
     "main",

@@ -18,6 +18,7 @@ from ..collate import ImageCollate
 from ..loader import make_loader
 from .arrow import ArrowImageCollate, ArrowLanceDataset
 from .baselines import BytesImageFolder, RowByRowDataset, pil_eval_transform
+from .cache import evict
 from .measure import MiB, PeakRSS, cpu_seconds
 
 __all__ = ["BOUNDS", "LOADERS", "Candidate", "DecodeBound", "Result", "build_candidate"]
@@ -54,6 +55,13 @@ class Result:
     # cores go
     main_cpu_us: float | None = None
     worker_cpu_us: float | None = None
+    # the cold regime (--cache cold|both): the loader's files evicted from the page cache before each of
+    # these epochs, as for a dataset larger than memory; the warm figures above stay 0 / empty under
+    # --cache cold
+    cold_images_per_s: float | None = None
+    cold_rounds: list[float] = field(default_factory=list)
+    cold_main_cpu_us: float | None = None
+    cold_worker_cpu_us: float | None = None
     note: str = ""
 
 
@@ -67,10 +75,12 @@ class Candidate:
 
     measures_cpu = True
 
-    def __init__(self, key: str, loader: DataLoader, note: str = ""):
+    def __init__(self, key: str, loader: Any, note: str = "", paths: list[str] | None = None):
         self.key = key
         self.loader = loader
         self.result = Result(key, LOADERS[key], note=note)
+        # the files this loader reads: what the cold regime evicts before each of its epochs
+        self.paths = list(paths or [])
         self._it: Any = None
         self._t0 = 0.0
         self._worker_peaks: dict[int, int] = {}
@@ -93,24 +103,30 @@ class Candidate:
         n = sum(_count(batch) for batch in self.loader)
         return n, time.perf_counter() - start
 
-    def epoch(self) -> tuple[int, float]:
+    def epoch(self, cold: bool = False) -> tuple[int, float]:
         """One timed epoch: (images, seconds). Records its rate, the peak RSS of the main process and of
-        each worker, and, if it is the best round so far, the CPU time per image of each."""
+        each worker, and, if it is the best round so far, the CPU time per image of each. ``cold``: this
+        loader's files are evicted from the page cache first (outside the timing), and the figures go to
+        the ``cold_`` fields."""
+        if cold:
+            evict(self.paths)
+        prefix = "cold_" if cold else ""
         pids = self.worker_pids()
         cpu_before = [cpu_seconds(), *map(cpu_seconds, pids)]
         with PeakRSS([None, *pids]) as rss:
             n, seconds = self._pass()
             cpu_after = [cpu_seconds(), *map(cpu_seconds, pids)]
         res = self.result
-        if self.measures_cpu and n / seconds > max(res.rounds, default=0.0):  # keep the best round's split
+        rounds: list[float] = getattr(res, prefix + "rounds")
+        if self.measures_cpu and n / seconds > max(rounds, default=0.0):  # keep the best round's split
             cpu = [
                 None if a is None or b is None else (b - a) * 1e6 / max(n, 1)
                 for a, b in zip(cpu_before, cpu_after, strict=True)
             ]
-            res.main_cpu_us = cpu[0]
+            setattr(res, prefix + "main_cpu_us", cpu[0])
             worker = cpu[1:]  # a worker that could not be read (gone) leaves the sum unknown
-            res.worker_cpu_us = sum(worker) if worker and None not in worker else None
-        res.rounds.append(n / seconds)
+            setattr(res, prefix + "worker_cpu_us", sum(worker) if worker and None not in worker else None)
+        rounds.append(n / seconds)
         if None in rss.peaks:
             res.main_peak_rss_mib = max(res.main_peak_rss_mib or 0.0, rss.peaks[None] / MiB)
         for pid in pids:
@@ -149,6 +165,7 @@ class DecodeBound(Candidate):
         self.count = min(len(blobs), batch_size)
         self.result = Result(key, LOADERS[key], note=f"1 core x {self.scale}")
         self._worker_peaks = {}
+        self.paths = []  # decodes bytes already in memory: nothing to evict
         self.pil = pil_eval_transform(size)
         self.tv = ImageCollate(size, decoder="torchvision", dtype=torch.uint8)
 
@@ -210,29 +227,33 @@ def build_candidate(
         return DecodeBound(key, blobs, size, batch_size, workers, bound_seconds)
     if key == "imagefolder_pil":
         dataset = ImageFolder(folder, transform=pil_eval_transform(size))
-        return Candidate(key, DataLoader(dataset, **common), "float32")
+        return Candidate(key, DataLoader(dataset, **common), "float32", [folder])
     if key == "imagefolder_tv":
-        return Candidate(key, DataLoader(BytesImageFolder(folder), collate_fn=tv_uint8, **common), "uint8")
+        loader = DataLoader(BytesImageFolder(folder), collate_fn=tv_uint8, **common)
+        return Candidate(key, loader, "uint8", [folder])
     if key == "hf_datasets":
-        return Candidate(key, DataLoader(hf, **common), "float32")
+        # its Arrow cache holds the file paths; the images are read from the folder
+        cache = [f["filename"] for f in getattr(hf, "cache_files", [])]
+        return Candidate(key, DataLoader(hf, **common), "float32", [folder, *cache])
     if key == "lance_rows":
         dataset = RowByRowDataset(SafeLanceDataset(uri))
-        return Candidate(key, DataLoader(dataset, collate_fn=tv_uint8, **common), "uint8")
+        return Candidate(key, DataLoader(dataset, collate_fn=tv_uint8, **common), "uint8", [uri])
     make = dict(batch_size=batch_size, sampler=order, num_workers=workers, pin_memory=False)
     if key == "lance_pil_float32":
-        return Candidate(key, make_loader(uri, collate_fn=ImageCollate(size), **make), "float32")
+        return Candidate(key, make_loader(uri, collate_fn=ImageCollate(size), **make), "float32", [uri])
     if key == "lance_tv_uint8":
-        return Candidate(key, make_loader(uri, collate_fn=tv_uint8, **make), "uint8")
+        return Candidate(key, make_loader(uri, collate_fn=tv_uint8, **make), "uint8", [uri])
     if key == "lance_tv_uint8_block":
         # blocks of one batch, shuffled with the run's seed: each batch reads about two runs of rows instead
         # of the shared random order's 64 scattered rows (the point of this loader)
         sampler = BlockShuffleSampler(range(len(order)), 1, 0, seed=seed, block_size=batch_size)
         block = dict(make, sampler=sampler)
-        return Candidate(key, make_loader(uri, collate_fn=tv_uint8, **block), "uint8")
+        return Candidate(key, make_loader(uri, collate_fn=tv_uint8, **block), "uint8", [uri])
     if key == "lance_all_columns":
-        return Candidate(key, make_loader(SafeLanceDataset(uri), collate_fn=tv_uint8, **make), "uint8")
+        loader = make_loader(SafeLanceDataset(uri), collate_fn=tv_uint8, **make)
+        return Candidate(key, loader, "uint8", [uri])
     if key == "lance_arrow":
         dataset = ArrowLanceDataset(uri)
         collate = ArrowImageCollate(size, decoder="torchvision", dtype=torch.uint8)
-        return Candidate(key, make_loader(dataset, collate_fn=collate, **make), "uint8")
+        return Candidate(key, make_loader(dataset, collate_fn=collate, **make), "uint8", [uri])
     raise ValueError(f"unknown loader {key!r}")

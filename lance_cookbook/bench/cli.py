@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from ..loader import default_workers
+from .cache import CAN_EVICT
 from .candidates import LOADERS
 from .report import format_table, plot
 from .runner import run
@@ -93,6 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="also time each step of a worker of (g) (lance_tv_uint8) in this process (CPU us per image: "
         "Lance take, file reads, decode, resize, stacking, shared memory, pickling): where the time goes",
     )
+    p.add_argument(
+        "--cache",
+        choices=("warm", "cold", "both"),
+        default="warm",
+        help="page cache before each timed epoch: warm (as left by the previous epoch), cold (every file "
+        "of that loader's data evicted with posix_fadvise: a dataset larger than memory), or both, side by "
+        "side (warm)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -107,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
         args.epochs = 2 if args.quick else 4
     if args.epochs < 2:
         print("error: --epochs must be at least 2 (one warm-up, one timed)", file=sys.stderr)
+        return 2
+    if args.cache != "warm" and not CAN_EVICT:
+        print("error: --cache cold needs os.posix_fadvise (Linux)", file=sys.stderr)
         return 2
     if not args.generate and not Path(args.imagefolder).is_dir():
         print(f"error: {args.imagefolder} is not a folder (pass --generate N to make one)", file=sys.stderr)

@@ -10,21 +10,35 @@ from .measure import MiB
 __all__ = ["format_table", "plot", "ratios_and_targets"]
 
 
-def ratios_and_targets(report: dict[str, Any]) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Ratios of images/s between loaders, and the targets the recipe aims at (met or not)."""
-    rate = {k: v["images_per_s"] for k, v in report.get("loaders", {}).items()}
+NUMERATORS = (
+    "lance_tv_uint8",
+    "lance_tv_uint8_block",
+    "lance_all_columns",
+    "lance_arrow",
+    "lance_pil_float32",
+    "imagefolder_tv",
+)
+DENOMINATORS = ("imagefolder_pil", "imagefolder_tv", "bound_tv", "bound_pil", "hf_datasets")
+# the formats users pick instead of Lance (lance_cookbook.bench.peers, run in the peer environment)
+PEERS = ("webdataset", "streaming", "litdata")
+
+
+def _ratios(rate: dict[str, float], prefix: str = "") -> dict[str, float]:
     ratios: dict[str, float] = {}
-    for num in (
-        "lance_tv_uint8",
-        "lance_tv_uint8_block",
-        "lance_all_columns",
-        "lance_arrow",
-        "lance_pil_float32",
-        "imagefolder_tv",
-    ):
-        for den in ("imagefolder_pil", "imagefolder_tv", "bound_tv", "bound_pil", "hf_datasets"):
+    for num in NUMERATORS:
+        for den in (*DENOMINATORS, *PEERS):
             if num != den and rate.get(num) and rate.get(den):
-                ratios[f"{num}/{den}"] = rate[num] / rate[den]
+                ratios[f"{prefix}{num}/{den}"] = rate[num] / rate[den]
+    return ratios
+
+
+def ratios_and_targets(report: dict[str, Any]) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Ratios of images/s between loaders, and the targets the recipe aims at (met or not). Cold-cache
+    ratios (``--cache cold|both``) are keyed ``"cold " + name``."""
+    loaders = report.get("loaders", {})
+    rate = {k: v["images_per_s"] for k, v in loaders.items()}
+    cold = {k: v.get("cold_images_per_s") or 0.0 for k, v in loaders.items()}
+    ratios = {**_ratios(rate), **_ratios(cold, "cold ")}
     small = all(max(s) <= 64 for s in report["imagefolder"]["sample_sizes"])
     wanted = (
         [("lance_tv_uint8/imagefolder_pil", 4.0), ("lance_tv_uint8/imagefolder_tv", 1.5)]
@@ -37,6 +51,9 @@ def ratios_and_targets(report: dict[str, Any]) -> tuple[dict[str, float], list[d
             if small
             else [("lance_tv_uint8_block/imagefolder_pil", 2.0), ("lance_tv_uint8_block/bound_tv", 0.9)]
         )
+    if cold.get("lance_tv_uint8_block") and small:  # issue 14: larger than memory, 32 px images
+        wanted.append(("cold lance_tv_uint8_block/imagefolder_tv", 2.0))
+        wanted += [(f"cold lance_tv_uint8_block/{peer}", 1.0) for peer in PEERS if cold.get(peer)]
     targets = [
         {"ratio": name, "value": ratios.get(name), "target": goal, "met": (ratios.get(name) or 0) >= goal}
         for name, goal in wanted
@@ -57,7 +74,8 @@ def format_table(report: dict[str, Any]) -> str:
     lines = [
         f"{stats['images']:,} JPEGs ({sizes}; {stats['mean_image_bytes'] / 1024:,.1f} KiB each) -> "
         f"{cfg['image_size']}x{cfg['image_size']}, batch {cfg['batch_size']}, "
-        f"{cfg['workers']} spawn workers, best of {cfg['timed_rounds']} timed epoch(s) after a warm-up",
+        f"{cfg['workers']} spawn workers, best of {cfg['timed_rounds']} timed epoch(s) after a warm-up"
+        f"{_cache_note(cfg.get('cache', 'warm'))}",
         "",
     ]
     loaders = report.get("loaders", {})
@@ -65,17 +83,29 @@ def format_table(report: dict[str, Any]) -> str:
     bound = loaders.get("bound_tv", {}).get("images_per_s")
     head = f"{'loader':48s} {'images/s':>9s} {'x (b)':>6s} {'x tv bnd':>8s} {'start s':>7s} "
     head += f"{'main MiB':>8s} {'wrk MiB':>7s} {'CPU us/img main':>15s} {'wrk':>5s}"
+    cold_base = loaders.get("imagefolder_pil", {}).get("cold_images_per_s")
+    has_cold = any(res.get("cold_images_per_s") for res in loaders.values())
+    if has_cold:  # --cache cold|both: each loader's files evicted before each timed epoch
+        head += f" {'cold img/s':>10s} {'x (b)':>6s} {'CPU main':>8s} {'wrk':>5s}"
     lines += [head, "-" * len(head)]
     for res in loaders.values():
         rate = res["images_per_s"]
         workers = res["worker_peak_rss_mib"]
+        cold_rate = res.get("cold_images_per_s")
+        cold_cols = ""
+        if has_cold:
+            cold_cols = (
+                f" {_num(cold_rate):>10s} "
+                f"{cold_rate / cold_base if cold_rate and cold_base else float('nan'):6.2f} "
+                f"{_num(res.get('cold_main_cpu_us')):>8s} {_num(res.get('cold_worker_cpu_us')):>5s}"
+            )
         lines.append(
             f"{res['label']:48s} {rate:9,.0f} "
             f"{rate / base if base else float('nan'):6.2f} {rate / bound if bound else float('nan'):8.2f} "
             f"{res['startup_s'] if res['key'] not in BOUNDS else float('nan'):7.2f} "
             f"{res['main_peak_rss_mib'] or float('nan'):8.0f} "
             f"{max(workers) if workers else float('nan'):7.0f} "
-            f"{_num(res.get('main_cpu_us')):>15s} {_num(res.get('worker_cpu_us')):>5s}"
+            f"{_num(res.get('main_cpu_us')):>15s} {_num(res.get('worker_cpu_us')):>5s}{cold_cols}"
         )
     if report.get("breakdown"):
         lines += ["", "where a worker's time goes (--breakdown; CPU us per image, one torch thread):"]
@@ -111,36 +141,62 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _cache_note(cache: str) -> str:
+    return {
+        "warm": "",
+        "cold": "; cold page cache (each loader's files evicted before each timed epoch)",
+        "both": "; warm and cold page cache (cold: each loader's files evicted before each timed epoch)",
+    }[cache]
+
+
 def _num(value: float | None) -> str:
     return "n/a" if value is None else f"{value:,.0f}"
 
 
 def plot(report: dict[str, Any], path: str) -> None:
-    """A bar chart of each loader's images/s, written to ``path`` (PNG)."""
+    """A bar chart of each loader's images/s, written to ``path`` (PNG); warm and cold bars side by side
+    where the run measured the cold regime."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    loaders = list(report["loaders"].values())
+    loaders = list(report["loaders"].values())[::-1]
     colors = {"bound": "#9e9e9e", "imagefolder": "#ef8a17", "hf": "#d1495b", "lance": "#00798c"}
-    fig, ax = plt.subplots(figsize=(9, 0.45 * len(loaders) + 1.5))
-    names = [r["label"] for r in loaders][::-1]
-    rates = [r["images_per_s"] for r in loaders][::-1]
+    peer = "#6a4c93"
+    names = [r["label"] for r in loaders]
     bar_colors = [
-        colors["lance"] if r["key"].startswith("lance") else colors[r["key"].split("_")[0]] for r in loaders
-    ][::-1]
-    bars = ax.barh(names, rates, color=bar_colors)
-    for bar, rate in zip(bars, rates, strict=True):
-        ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {rate:,.0f}", va="center", fontsize=8)
+        colors["lance"]
+        if r["key"].startswith("lance")
+        else (peer if r["key"] in PEERS else colors.get(r["key"].split("_")[0], peer))
+        for r in loaders
+    ]
+    series = [("warm", [r["images_per_s"] for r in loaders], 1.0)]
+    if any(r.get("cold_images_per_s") for r in loaders):
+        series.append(("cold", [r.get("cold_images_per_s") or 0.0 for r in loaders], 0.45))
+        if not any(series[0][1]):  # --cache cold: no warm figures to show
+            series = series[1:]
+    height = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(loaders) * len(series) ** 0.5 + 1.5))
+    top = 1.0
+    for i, (regime, rates, alpha) in enumerate(series):
+        offset = (len(series) - 1) / 2 * height - i * height  # first series on top of each group
+        ys = [y + offset for y in range(len(loaders))]
+        bars = ax.barh(ys, rates, height=height, color=bar_colors, alpha=alpha, label=regime)
+        for bar, rate in zip(bars, rates, strict=True):
+            label = f" {rate:,.0f}" + (f" {regime}" if len(series) > 1 else "")
+            y = bar.get_y() + bar.get_height() / 2
+            ax.text(bar.get_width(), y, label, va="center", fontsize=7)
+        top = max(top, *rates)
+    ax.set_yticks(range(len(loaders)), names)
     cfg = report["config"]
-    ax.set_xlabel("images/s (best timed epoch)")
+    ax.set_xlabel("images/s (best timed epoch)" + ("; pale bars: cold page cache" if len(series) > 1 else ""))
     ax.set_title(
         f"{report['imagefolder']['images']:,} images -> {cfg['image_size']} px, batch {cfg['batch_size']}, "
-        f"{cfg['workers']} spawn workers",
+        f"{cfg['workers']} spawn workers{_cache_note(cfg.get('cache', 'warm')).split(' (')[0]}",
         fontsize=10,
     )
-    ax.set_xlim(0, max(rates) * 1.18 if rates else 1)
+    ax.set_xlim(0, top * 1.25)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -57,6 +57,7 @@ def _config(args: argparse.Namespace, folder: str) -> dict[str, Any]:
         "epochs": args.epochs,
         "timed_rounds": args.epochs - 1,
         "start_method": "spawn",
+        "cache": getattr(args, "cache", "warm"),
         "quick": args.quick,
         "cores": os.cpu_count(),
         "torch": torch.__version__,
@@ -119,19 +120,27 @@ def _warm_up(candidates: list[Candidate], *, concurrent: bool) -> None:
         cand.finish_warmup()
 
 
-def _timed_rounds(candidates: list[Candidate], rounds: int, progress: bool) -> None:
-    """``rounds`` timed epochs of every loader, interleaved; each keeps its best."""
+def _timed_rounds(candidates: list[Candidate], rounds: int, progress: bool, cache: str = "warm") -> None:
+    """``rounds`` timed epochs of every loader, interleaved; each keeps its best. ``cache`` "cold" evicts
+    each loader's files before each of its epochs; "both" runs a cold epoch then a warm one (the cold
+    epoch has just read every file back into the page cache, so the warm one follows a full read)."""
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=rounds * len(candidates), desc="timed epochs", unit="epoch", disable=not progress)
+    regimes = {"warm": [False], "cold": [True], "both": [True, False]}[cache]
+    bar = tqdm(
+        total=rounds * len(candidates) * len(regimes), desc="timed epochs", unit="epoch", disable=not progress
+    )
     for r in range(rounds):
         shift = r % max(1, len(candidates))
         for cand in candidates[shift:] + candidates[:shift]:  # rotate: no loader always goes first
-            cand.epoch()
-            bar.update(1)
+            for cold in regimes:
+                cand.epoch(cold=cold)
+                bar.update(1)
     bar.close()
     for cand in candidates:
-        cand.result.images_per_s = max(cand.result.rounds)
+        res = cand.result
+        res.images_per_s = max(res.rounds, default=0.0)
+        res.cold_images_per_s = max(res.cold_rounds) if res.cold_rounds else None
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -189,7 +198,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ]
         _warm_up(candidates, concurrent=args.quick)
         report["config"]["startup_concurrent"] = bool(args.quick)
-        _timed_rounds(candidates, max(1, args.epochs - 1), progress)
+        _timed_rounds(candidates, max(1, args.epochs - 1), progress, getattr(args, "cache", "warm"))
         for cand in candidates:
             cand.close()
         report["main_rss_before_loaders_mib"] = main_rss / MiB if main_rss else None
