@@ -18,6 +18,7 @@ from torch import nn
 
 from .checkpoint import checkpoint_name, load_latest, save_checkpoint, state_sha256
 from .engine import EpochTally, _unwrap
+from .faults import PAUSE_ENV
 from .reporting import _quiet, write_json
 
 
@@ -90,7 +91,7 @@ class Run:
         self.tally = EpochTally()
         self.log = print if rank == 0 else _quiet
         self.sample_log = os.environ.get("LANCE_COOKBOOK_SAMPLE_LOG")
-        self.pause_at = os.environ.get("LANCE_COOKBOOK_PAUSE_AFTER_CHECKPOINT")
+        self.pause_at = os.environ.get(PAUSE_ENV)
 
     def restore(self, path: Path, state: dict, model, optimizer, schedule, sampler) -> None:
         """Load a checkpoint into the model, optimizer, schedule and sampler, and record the resume."""
@@ -172,7 +173,12 @@ class Run:
                 self.save(model, optimizer, schedule, sampler, consumed, step, device)
                 if self.pause_at == f"{sampler.epoch}:{step}":
                     self.log(f"paused after the checkpoint of epoch {sampler.epoch}, step {step}", flush=True)
-                    while True:  # a test or the chapter kills a rank here; torchrun then stops the others
+                    # a test or the chapter kills a rank here and torchrun then stops the others; should the
+                    # launcher itself die first (a failed test, an interrupted cell), leave instead of
+                    # sleeping for ever as an orphan
+                    launcher = os.getppid()
+                    while os.getppid() == launcher:
                         time.sleep(1)
+                    raise SystemExit("the launcher is gone: leaving the pause")
 
         return after_step

@@ -5,19 +5,17 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 from torch.utils.data.distributed import DistributedSampler
 
 from data_prep.convert import convert
 from lance_cookbook.checkpoint import list_checkpoints
+from lance_cookbook.faults import kill_rank_when_paused, pause_env
 from lance_cookbook.sampler import ResumableDistributedSampler
 from lance_cookbook.schedule import OneCycleSchedule
 from lance_cookbook.train import main as train_main
@@ -56,25 +54,6 @@ def same_results(a: dict, b: dict) -> None:
     keys = ("epoch", "val_accuracy", "val_samples_seen", "train_samples_seen", "order_digest", "train_loss")
     assert [{k: e[k] for k in keys} for e in a["epochs"]] == [{k: e[k] for k in keys} for e in b["epochs"]]
     assert a["final_state_sha256"] == b["final_state_sha256"]
-
-
-def kill_rank_when_paused(proc: subprocess.Popen, checkpoint: Path, rank: str) -> None:
-    """Wait for ``checkpoint`` (the ranks pause right after it), then SIGKILL the rank's process by pid."""
-    deadline = time.monotonic() + 240  # a safety net against a hang, not a timing assertion
-    while not checkpoint.exists():
-        assert proc.poll() is None, "the run ended before reaching the checkpoint"
-        assert time.monotonic() < deadline, f"{checkpoint} never appeared"
-        time.sleep(0.1)
-    while True:
-        workers = [
-            p
-            for p in psutil.Process(proc.pid).children(recursive=True)
-            if "lance_cookbook.train" in " ".join(p.cmdline()) and p.environ().get("RANK") == rank
-        ]
-        if workers:
-            break
-        time.sleep(0.1)
-    os.kill(workers[0].pid, signal.SIGKILL)
 
 
 # --- the sampler -------------------------------------------------------------------------------------
@@ -188,11 +167,11 @@ def test_a_rank_killed_mid_epoch_restarts_and_matches_an_uninterrupted_run(small
     )
     proc = subprocess.Popen(
         torchrun(2, *common(small, tmp_path / "b", tmp_path / "b.json"), restarts=1),
-        env=child_env(LANCE_COOKBOOK_PAUSE_AFTER_CHECKPOINT="1:2"),
+        env=child_env(**pause_env(1, 2)),
     )
     try:
         # 101 rows on 2 ranks, 16 per batch: 4 steps per epoch; step 2 of epoch 1 has consumed 64 samples
-        kill_rank_when_paused(proc, tmp_path / "b" / "checkpoint-e00001-s000000000064.pt", rank="1")
+        kill_rank_when_paused(proc, tmp_path / "b" / "checkpoint-e00001-s000000000064.pt", rank=1)
         assert proc.wait(timeout=300) == 0
     finally:
         proc.kill()
@@ -206,10 +185,10 @@ def test_elastic_resume_from_two_processes_to_one_neither_repeats_nor_skips(smal
     log = tmp_path / "samples"
     proc = subprocess.Popen(
         torchrun(2, *common(small, tmp_path / "c", tmp_path / "c.json")),
-        env=child_env(LANCE_COOKBOOK_PAUSE_AFTER_CHECKPOINT="1:2", LANCE_COOKBOOK_SAMPLE_LOG=str(log)),
+        env=child_env(**pause_env(1, 2), LANCE_COOKBOOK_SAMPLE_LOG=str(log)),
     )
     try:
-        kill_rank_when_paused(proc, tmp_path / "c" / "checkpoint-e00001-s000000000064.pt", rank="1")
+        kill_rank_when_paused(proc, tmp_path / "c" / "checkpoint-e00001-s000000000064.pt", rank=1)
         assert proc.wait(timeout=300) != 0  # no restarts allowed: the job fails
     finally:
         proc.kill()
