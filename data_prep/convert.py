@@ -2,7 +2,7 @@
 
     python -m data_prep.convert --source SOURCE --output URI [--split NAME] [--overwrite]
                                 [--max-rows N] [--rows-per-file N] [--skip-invalid]
-                                [--engine local|ray] [--storage-option KEY=VALUE ...]
+                                [--engine local|ray] [--storage-option KEY=VALUE ...] [--shuffle SEED]
 
 SOURCE: ``digits``, ``imagefolder:DIR`` or ``hf:NAME`` (``data_prep.sources``). Every input problem ends in
 one line naming the file or row (exit 2, nothing written), or with --skip-invalid in a list of what was
@@ -26,9 +26,9 @@ import time
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from PIL import Image
-from tqdm import tqdm
 
 # Torch-free helpers: lance_cookbook exports lazily, so these load neither torch nor Lance (the spawn workers
 # import this module again; tests/test_convert_imports.py checks both)
@@ -37,9 +37,22 @@ from lance_cookbook.disk_usage import dir_bytes
 
 from .check import ConversionError, InvalidImage, ParameterError
 from .pool import checked_batches
-from .sources import IMAGE_EXTENSIONS, Source, digits_source, open_source  # noqa: F401 - see __getattr__
+from .sources import IMAGE_EXTENSIONS, Source, digits_source, open_source, shuffled
 
-__all__ = ["Summary", "build_parser", "convert", "main"]
+if TYPE_CHECKING:  # for type checkers and linters; at run time __getattr__ imports it (it loads Lance)
+    from .write import SCHEMA
+
+__all__ = [
+    "Summary",
+    "build_parser",
+    "convert",
+    "main",
+    # Re-exported from data_prep.sources / data_prep.write for notebook 01 and scripts written before the
+    # conversion was split into modules; new code imports them from there
+    "IMAGE_EXTENSIONS",
+    "SCHEMA",  # looked up on use: see __getattr__
+    "digits_source",
+]
 
 RAY_CONNECT_TIMEOUT_S = 60.0  # default wait for a Ray cluster named by RAY_ADDRESS to answer
 
@@ -118,6 +131,7 @@ def convert(
     progress: bool = True,
     engine: str = "local",
     ray_connect_timeout_s: float = RAY_CONNECT_TIMEOUT_S,
+    shuffle: int | None = None,
 ) -> Summary:
     """Convert ``source`` (a spec string or a :class:`~data_prep.sources.Source`) into a Lance dataset at
     ``output``.
@@ -151,6 +165,14 @@ def convert(
         local Ray).
     ray_connect_timeout_s : float
         Seconds to wait for the cluster named by ``RAY_ADDRESS`` to answer before giving up.
+    shuffle : int, optional
+        Write the rows in a random order drawn from this seed (default: source order).
+        The source's records are taken in the order ``data_prep.sources.permutation(total, shuffle)``
+        (``numpy.random.default_rng(shuffle).permutation(total)`` of the source positions, invalid
+        records included), so the same seed gives the same dataset. Only positions are shuffled: memory
+        stays flat. ``id`` is the row's position in the dataset, as without shuffling; ``source`` names
+        the file or row it came from. With ``max_rows``, the first valid rows of the shuffled order: a
+        random subset.
 
     Returns
     -------
@@ -170,13 +192,18 @@ def convert(
     _check_parameters(max_rows=max_rows, rows_per_file=rows_per_file, batch_rows=batch_rows, workers=workers)
     if engine not in ("local", "ray"):
         raise ParameterError(f"unknown {{name}} {engine!r} (choose local or ray)", "engine", "--engine")
-    # Imported here: the spawn workers of data_prep.pool import the command's module (this one, under
-    # `python -m data_prep.convert`) again, and Lance (~0.5 s) would delay every worker's start.
+    # Imported here: the checking workers of data_prep.pool import the command's module (this one, under
+    # `python -m data_prep.convert`) again, and Lance (~0.5 s) or tqdm (its importlib.metadata: ~45 ms)
+    # would delay every worker's start.
+    from tqdm import tqdm
+
     from .write import Destination, dataset_metadata, store_error
 
     uri = str(output)
     dest = Destination(uri, overwrite=overwrite, storage_options=storage_options)
     src = source if isinstance(source, Source) else open_source(source, split, image_column, label_column)
+    if shuffle is not None:
+        src = shuffled(src, shuffle)
     skipped: list[str] = []
     stats = {"image_bytes": 0, "labels": Counter()}  # rows per label
     start = time.perf_counter()
@@ -346,6 +373,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="rows per record batch streamed to Lance, or per Ray task (default: 512)",
     )
+    p.add_argument(
+        "--shuffle",
+        type=int,
+        metavar="SEED",
+        help="write the rows in a random order drawn from SEED (the same seed, the same order); the id "
+        "column numbers rows as written, the source column names each row's file (default: source order)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown)")
     p.add_argument(
         "--summary-json",
@@ -378,6 +412,7 @@ def main(argv: list[str] | None = None) -> int:
                 progress=not args.no_progress,
                 engine=args.engine,
                 ray_connect_timeout_s=args.ray_connect_timeout,
+                shuffle=args.shuffle,
             )
     except ConversionError as e:
         message = e.cli_message if isinstance(e, ParameterError) else str(e)

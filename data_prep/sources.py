@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from bisect import bisect_right
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 
 from PIL import Image
@@ -34,7 +35,9 @@ __all__ = [
     "hf_source",
     "imagefolder_source",
     "open_source",
+    "permutation",
     "printable",
+    "shuffled",
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
@@ -53,13 +56,46 @@ class Record:
 
 @dataclass
 class Source:
-    """A stream of records plus what is known about it before reading it."""
+    """A stream of records plus what is known about it before reading it.
+
+    ``at``, when the source can give its records in any order: ``at(positions)`` yields the records at
+    those positions of ``records`` (0-based, each at most once), in that order; :func:`shuffled` needs it.
+    """
 
     records: Iterable[Record]
     label_names: list[str]
     description: str
     total: int | None = None
     warnings: list[str] = field(default_factory=list)  # e.g. links not followed; shown with the summary
+    at: Callable[[Sequence[int]], Iterator[Record]] | None = None
+
+
+def permutation(n: int, seed: int) -> Sequence[int]:
+    """The order ``--shuffle SEED`` writes ``n`` records in: ``numpy.random.default_rng(seed).permutation(n)``
+    (an array of positions in source order).
+
+    Only positions are permuted (8 bytes a record); the images are read in that order afterwards, a batch
+    at a time, so memory does not grow with the images' size.
+    """
+    import numpy as np
+
+    return np.random.default_rng(seed).permutation(n)
+
+
+def shuffled(source: Source, seed: int) -> Source:
+    """``source`` with its records in the order :func:`permutation` gives for ``seed``.
+
+    Raises :class:`ConversionError` for a source that cannot be read out of order (no ``at``, or no
+    ``total``).
+    """
+    if source.at is None or source.total is None:
+        raise ConversionError(
+            f"{source.description}: this source cannot be shuffled (it is read in one pass)"
+        )
+    order = permutation(source.total, seed)
+    return replace(
+        source, records=source.at(order), description=f"{source.description}, shuffled (seed {seed})"
+    )
 
 
 def digits_source(split: str | None = None) -> Source:
@@ -81,14 +117,16 @@ def digits_source(split: str | None = None) -> Source:
     # 0..16 intensities -> 0..255 grayscale, white ink on black like MNIST
     pixels = np.clip(digits.images * 16, 0, 255).astype(np.uint8)
 
-    def records() -> Iterator[Record]:
-        for i in chosen:
+    def at(positions: Iterable[int]) -> Iterator[Record]:
+        for i in chosen[positions]:
             buf = io.BytesIO()
             Image.fromarray(pixels[i], mode="L").save(buf, format="PNG")
             yield Record(source=f"sklearn-digits[{i}]", label=int(digits.target[i]), data=buf.getvalue())
 
     names = [str(n) for n in digits.target_names]
-    return Source(records(), names, f"scikit-learn digits ({split})", total=len(chosen))
+    return Source(
+        at(np.arange(len(chosen))), names, f"scikit-learn digits ({split})", total=len(chosen), at=at
+    )
 
 
 def printable(text: str) -> str:
@@ -227,21 +265,20 @@ def imagefolder_source(root: str | os.PathLike) -> Source:
     base = os.path.abspath(root)
     expected = ", ".join(IMAGE_EXTENSIONS)
 
-    def records() -> Iterator[Record]:
-        start = 0
-        for label, end in enumerate(ends):
-            for i in range(start, end):
-                rel = rels[i]
-                problem = problems.get(i)
-                if problem is None and not rel.lower().endswith(IMAGE_EXTENSIONS):
-                    suffix = PurePosixPath(rel).suffix
-                    problem = f"unsupported extension {suffix or '(none)'!r} (expected one of {expected})"
-                path = os.path.join(base, rel)
-                yield Record(source=printable(rel), label=label, path=path, problem=problem)
-            start = end
+    def at(positions: Iterable[int]) -> Iterator[Record]:
+        for i in positions:
+            rel = rels[i]
+            problem = problems.get(i)
+            if problem is None and not rel.lower().endswith(IMAGE_EXTENSIONS):
+                suffix = PurePosixPath(rel).suffix
+                problem = f"unsupported extension {suffix or '(none)'!r} (expected one of {expected})"
+            path = os.path.join(base, rel)
+            # the label is the class whose slice of rels holds i
+            yield Record(source=printable(rel), label=bisect_right(ends, i), path=path, problem=problem)
 
     names = [printable(c) for c in classes]
-    return Source(records(), names, f"image folder {printable(str(root))}", total=len(rels), warnings=notes)
+    description = f"image folder {printable(str(root))}"
+    return Source(at(range(len(rels))), names, description, total=len(rels), warnings=notes, at=at)
 
 
 SPLIT_ALIASES = {"val": "validation", "valid": "validation", "dev": "validation", "validation": "val"}
@@ -340,14 +377,15 @@ def hf_source(
         source = printable(path) if (path and not data) else where
         return Record(source=source, label=int(label), data=data, path=path, problem=problem)
 
-    def records() -> Iterator[Record]:
-        row = 0
-        for batch in ds.iter(batch_size=256):
+    def at(positions: Sequence[int] | None) -> Iterator[Record]:
+        # select() only maps indices (8 bytes a row); the rows are read batch by batch as they are needed
+        rows = ds if positions is None else ds.select(positions)
+        numbers = iter(range(len(ds)) if positions is None else positions)
+        for batch in rows.iter(batch_size=256):
             for image, label in zip(batch[image_column], batch[label_column], strict=True):
-                yield record(f"hf:{name}[{split}] row {row}", image, label)
-                row += 1
+                yield record(f"hf:{name}[{split}] row {next(numbers)}", image, label)
 
-    return Source(records(), names, f"hf:{name} ({split})", total=len(ds))
+    return Source(at(None), names, f"hf:{name} ({split})", total=len(ds), at=at)
 
 
 def open_source(

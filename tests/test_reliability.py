@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import _thread
 import json
+import multiprocessing.forkserver
 import re
 import struct
 import sys
@@ -233,14 +234,22 @@ def test_no_remote_code_or_pickles_anywhere():
 
 
 # ------------------------------------------------------------------ checking in worker processes (CheckPool)
-def _children() -> set[int]:
-    """PIDs of this process's live children (Linux /proc); a zombie is not counted."""
+def _children(parent: str = "self") -> set[int]:
+    """PIDs of this process's live descendants (Linux /proc); a zombie is not counted. Descendants, not
+    children: forkserver workers are children of the fork server."""
     pids = set()
-    for task in Path("/proc/self/task").iterdir():
-        for pid in (task / "children").read_text().split():
-            stat = Path(f"/proc/{pid}/stat")
-            if stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] != "Z":
-                pids.add(int(pid))
+    for task in Path(f"/proc/{parent}/task").iterdir():
+        try:
+            children = (task / "children").read_text().split()
+        except OSError:  # the process or thread ended meanwhile
+            continue
+        for pid in children:
+            try:
+                alive = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+            except OSError:
+                continue
+            if alive:
+                pids |= {int(pid)} | _children(pid)
     return pids
 
 
@@ -260,8 +269,11 @@ linux_only = pytest.mark.skipif(sys.platform != "linux", reason="counts child pr
 def new_children():
     """A function listing the children started since the test began (a resource tracker, a moto server
     or Ray started by an earlier test of the session stay, and are not this test's)."""
-    # A spawn pool's queues start multiprocessing's resource tracker, which lives as long as this process
+    # A spawn pool's queues start multiprocessing's resource tracker, and a forkserver pool the fork
+    # server; both live as long as this process
     resource_tracker.ensure_running()
+    if pool_module.start_context().get_start_method() == "forkserver":
+        multiprocessing.forkserver.ensure_running()
     before = _children()
     return lambda: _children() - before
 
