@@ -22,23 +22,31 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence, Sized
+from collections.abc import Iterable, Sequence, Sized
 
 import torch
-import torch.distributed as dist
-from torch.utils.data import Sampler
+
+from .sampler import ResumableSampler, pad_order
 
 __all__ = ["BlockShuffleSampler", "mean_batch_entropy"]
 
 
-class BlockShuffleSampler(Sampler[int]):
+class BlockShuffleSampler(ResumableSampler):
     """Shuffle blocks of consecutive rows, then rows within windows of blocks; one chunk per DDP rank.
 
     The constructor is ``DistributedSampler``'s plus ``block_size`` and ``window``, and so are the
     guarantees: every rank gets ``len(self)`` indices, the ranks together cover every row exactly once per
     epoch (plus padding, or minus the dropped tail with ``drop_last``), :meth:`set_epoch` changes the order,
-    and the order depends only on ``(seed, epoch)`` and the dataset size, so every rank computes the same
-    :meth:`global_order` and takes its own slice of it.
+    and the order depends only on ``(seed, epoch)``, the dataset size and the world size, so every rank
+    computes the same :meth:`block_order` and takes its own contiguous chunk of it.
+
+    It resumes mid-epoch as :class:`ResumableDistributedSampler` does, with the same code
+    (:class:`ResumableSampler`): its :meth:`global_order` lists the chunks interleaved (position
+    ``j * w + r`` holds the ``j``-th index of rank ``r``'s chunk), so a step of ``b`` samples per rank
+    consumes ``w * b`` consecutive positions and the state is ``(epoch, samples consumed)``. After an
+    elastic restart the rest of the interrupted epoch is split among the new ranks position by position:
+    nothing is repeated or skipped, but each new rank's batches then draw from several old chunks, so
+    reads are less contiguous until the next epoch, which is laid out for the new world size.
 
     Parameters
     ----------
@@ -81,6 +89,8 @@ class BlockShuffleSampler(Sampler[int]):
     ``8 n`` bytes (int64) on every rank, as ``DistributedSampler``'s ``randperm`` does.
     """
 
+    _order_keys = (*ResumableSampler._order_keys, "block_size", "window")
+
     def __init__(
         self,
         dataset: Sized,
@@ -93,38 +103,17 @@ class BlockShuffleSampler(Sampler[int]):
         block_size: int = 64,
         window: int = 2,
     ):
-        if num_replicas is None:
-            num_replicas = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        if rank is None:
-            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        if num_replicas < 1:
-            raise ValueError(f"num_replicas must be >= 1, got {num_replicas}")
-        if not 0 <= rank < num_replicas:
-            raise ValueError(f"rank {rank} is not in [0, {num_replicas})")
+        super().__init__(dataset, num_replicas, rank, shuffle, seed, drop_last)
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
-        self.dataset_size = len(dataset)
-        self.num_replicas = num_replicas
-        self.rank = rank
-        self.shuffle = shuffle
-        self.seed = seed
-        self.drop_last = drop_last
         self.block_size = block_size
         self.window = window
-        self.epoch = 0
-        n, w = self.dataset_size, num_replicas
-        self.num_samples = n // w if drop_last else -(-n // w)
-        self.total_size = self.num_samples * w
 
-    def set_epoch(self, epoch: int) -> None:
-        """Use the order of ``epoch`` (``seed + epoch``) from the next ``iter()`` on. Call it every epoch."""
-        self.epoch = epoch
-
-    def global_order(self) -> torch.Tensor:
-        """The epoch's indices for all ranks together: rank ``r`` reads the ``r``-th of ``num_replicas``
-        equal contiguous slices.
+    def block_order(self) -> torch.Tensor:
+        """The epoch's indices as the blocks lay them out: rank ``r`` of the world size the epoch began
+        with (``order_replicas``) reads the ``r``-th of that many equal contiguous slices.
 
         Returns
         -------
@@ -136,7 +125,7 @@ class BlockShuffleSampler(Sampler[int]):
             return torch.empty(0, dtype=torch.int64)
         if not self.shuffle:
             rows = torch.arange(n, dtype=torch.int64)
-            return _pad(rows, self.total_size)
+            return pad_order(rows, self.total_size)
         g = torch.Generator()
         g.manual_seed(self.seed + self.epoch)
         num_blocks = -(-n // b)
@@ -145,37 +134,28 @@ class BlockShuffleSampler(Sampler[int]):
         blocks = torch.randperm(num_blocks, generator=g)
         rows = (blocks[:, None] * b + torch.arange(b)[None, :]).reshape(-1)
         rows = rows[rows < n]
-        rows = _pad(rows, self.total_size)
+        rows = pad_order(rows, self.total_size)
         # windows are counted from the start of each rank's chunk, so every rank's first batch already
         # mixes `window` blocks and no window straddles two ranks
+        chunk = self.total_size // self.order_replicas
         pos = torch.arange(self.total_size)
         span = self.window * b
-        windows_per_rank = -(-self.num_samples // span)
-        window_id = (pos // self.num_samples) * windows_per_rank + (pos % self.num_samples) // span
+        windows_per_rank = -(-chunk // span)
+        window_id = (pos // chunk) * windows_per_rank + (pos % chunk) // span
         # one argsort shuffles every window at once: the integer part keeps windows in place, the random
         # fraction orders rows inside each (float64 holds both exactly enough for any realistic size)
         keys = window_id.to(torch.float64) + torch.rand(self.total_size, generator=g, dtype=torch.float64)
         return rows[torch.argsort(keys, stable=True)]
 
+    def _order(self) -> torch.Tensor:
+        # the chunks interleaved, rank r's j-th index at position j * w + r: one training step then
+        # consumes a prefix of what remains, which is all ResumableSampler needs
+        return self.block_order().reshape(self.order_replicas, -1).T.reshape(-1)
+
     def indices(self) -> torch.Tensor:
-        """This rank's indices for the current epoch: int64, shape ``[num_samples]``."""
-        start = self.rank * self.num_samples
-        return self.global_order()[start : start + self.num_samples]
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices().tolist())
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-
-def _pad(rows: torch.Tensor, total: int) -> torch.Tensor:
-    """``rows`` cut to ``total``, or padded with its own first rows, repeated as often as needed (as
-    ``DistributedSampler`` pads when the dataset is smaller than the world size)."""
-    if total <= len(rows):
-        return rows[:total]
-    reps = -(-(total - len(rows)) // len(rows))
-    return torch.cat([rows, rows.repeat(reps)[: total - len(rows)]])
+        """This rank's indices for the rest of the current epoch: int64, shape ``[len(self)]``."""
+        p = self.positions()
+        return self._order()[p.start : p.stop : p.step]
 
 
 def mean_batch_entropy(labels: Sequence[int], order: Iterable[int], batch_size: int) -> float:

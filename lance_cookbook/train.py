@@ -5,9 +5,9 @@
 
 Runs as a plain single process too (``python -m lance_cookbook.train ...``). Uses nccl on CUDA and gloo on
 CPU; :class:`ResumableDistributedSampler` (``DistributedSampler``'s order, with a saved place inside the
-epoch) + ``set_epoch`` for training, an exactly-once :class:`ShardSampler` and an ``all_reduce`` of
-correct/seen counts for evaluation. Every epoch reports how much of each step waited for data
-(:class:`DataWaitMeter`).
+epoch; ``--sampler block``: :class:`BlockShuffleSampler`, which resumes the same way) + ``set_epoch`` for
+training, an exactly-once :class:`ShardSampler` and an ``all_reduce`` of correct/seen counts for
+evaluation. Every epoch reports how much of each step waited for data (:class:`DataWaitMeter`).
 
 With ``--checkpoint-dir`` the run saves checkpoints (every ``--checkpoint-every`` steps and at every
 epoch's end) and, when started again, resumes from the newest complete one at the next batch of the
@@ -124,6 +124,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         metavar="N",
         help="DataLoader worker processes per process (0: none)",
+    )
+    p.add_argument(
+        "--sampler",
+        default="distributed",
+        choices=("distributed", "block"),
+        help="training order: 'distributed' is DistributedSampler's random permutation; 'block' shuffles "
+        "blocks of --block-size consecutive rows (BlockShuffleSampler: cheaper contiguous reads, as "
+        "random as the rows' order on disk allows)",
+    )
+    p.add_argument(
+        "--block-size",
+        type=int,
+        default=64,
+        metavar="ROWS",
+        help="with --sampler block: consecutive rows per block, about the per-process batch size",
     )
     p.add_argument(
         "--image-size", type=int, default=32, metavar="PX", help="side of the square input, pixels"

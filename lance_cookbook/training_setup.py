@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from .block_sampler import BlockShuffleSampler
 from .collate import ImageCollate
 from .dataset import EmptyDataset, label_names, open_dataset
 from .distributed import agreed_versions
@@ -72,7 +73,8 @@ def open_datasets(args: argparse.Namespace, rank: int, pinned: dict[str, int] | 
 
 
 def build_loaders(args: argparse.Namespace, train_ds, val_ds, rank: int, world: int):
-    """The training loader (:class:`ResumableDistributedSampler`) and the exactly-once evaluation loader
+    """The training loader (:class:`ResumableDistributedSampler`, or :class:`BlockShuffleSampler` with
+    ``--sampler block``; both resume mid-epoch) and the exactly-once evaluation loader
     (:class:`ShardSampler`), both decoding to uint8 in their workers.
 
     Returns
@@ -82,9 +84,15 @@ def build_loaders(args: argparse.Namespace, train_ds, val_ds, rank: int, world: 
     """
     # DistributedSampler's padding: every rank gets the same number of samples and batches, so no rank
     # waits on a gradient all-reduce that another never starts (drop_last is not needed).
-    sampler = ResumableDistributedSampler(
-        train_ds, num_replicas=world, rank=rank, shuffle=True, seed=args.seed
-    )
+    kind = getattr(args, "sampler", "distributed")
+    if kind == "block":
+        sampler = BlockShuffleSampler(
+            train_ds, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, block_size=args.block_size
+        )
+    else:
+        sampler = ResumableDistributedSampler(
+            train_ds, num_replicas=world, rank=rank, shuffle=True, seed=args.seed
+        )
     train_loader = make_loader(
         train_ds,
         batch_size=args.batch_size,

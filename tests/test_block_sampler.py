@@ -56,18 +56,85 @@ def test_every_row_once_across_ranks_and_equal_counts(n, world, block, window, d
         assert sum(counts.values()) - n == padding  # and only the padding twice (or more if n < world)
 
 
-def test_padding_repeats_the_first_rows_of_the_global_order():
+def test_padding_repeats_the_first_rows_of_the_block_order():
     sampler = BlockShuffleSampler(range(10), num_replicas=4, rank=3, block_size=3)
-    order = sampler.global_order()
+    order = sampler.block_order()
     assert order.dtype == torch.int64 and order.shape == (12,)
     assert sorted(order[:10].tolist()) == list(range(10))
 
 
-def test_every_rank_computes_the_same_global_order_and_takes_its_slice():
+def test_every_rank_computes_the_same_order_and_takes_its_slice():
     samplers = [BlockShuffleSampler(range(1000), 3, r, seed=7, block_size=16) for r in range(3)]
-    orders = [s.global_order() for s in samplers]
+    orders = [s.block_order() for s in samplers]
     assert all(torch.equal(orders[0], o) for o in orders)
     assert [i for s in samplers for i in s] == orders[0].tolist()
+    # the global order interleaves the chunks: rank r takes positions r, r + 3, ... as in DistributedSampler
+    interleaved = samplers[0].global_order()
+    assert all(list(s) == interleaved[s.rank :: 3] for s in samplers)
+
+
+# --- resuming mid-epoch (the state ResumableDistributedSampler has, from the same code) ------------------
+
+
+def block(n: int, world: int, rank: int, **kw) -> BlockShuffleSampler:
+    return BlockShuffleSampler(range(n), world, rank, **{"seed": 3, "block_size": 8, "window": 2, **kw})
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_resumed_with_the_same_world_continues_the_same_batches(drop_last):
+    n, world, batch, epoch = 203, 2, 16, 1
+    full = [block(n, world, r, drop_last=drop_last) for r in range(world)]
+    for s in full:
+        s.set_epoch(epoch)
+    state = full[0].state_dict(full[0].consumed(3, batch))  # after 3 steps of 16 samples per rank
+    assert (state["epoch"], state["consumed"]) == (epoch, 96)
+    for rank in range(world):
+        resumed = block(n, world, rank, drop_last=drop_last)
+        resumed.load_state_dict(state)
+        resumed.set_epoch(epoch)  # keeps the loaded place
+        assert list(resumed) == list(full[rank])[3 * batch :]
+        assert resumed.indices().tolist() == list(resumed)
+        resumed.set_epoch(epoch + 1)  # the next epoch starts from its beginning
+        fresh = block(n, world, rank, drop_last=drop_last)
+        fresh.set_epoch(epoch + 1)
+        assert resumed.start == 0 and list(resumed) == list(fresh)
+
+
+@pytest.mark.parametrize(("old_world", "new_world"), [(2, 1), (2, 3), (3, 2), (4, 3), (1, 4)])
+def test_elastic_resume_neither_repeats_nor_skips(old_world, new_world):
+    n, batch, epoch = 203, 8, 2
+    old = [block(n, old_world, r) for r in range(old_world)]
+    for s in old:
+        s.set_epoch(epoch)
+    steps = 5
+    before = [i for s in old for i in list(s)[: steps * batch]]  # what the interrupted run trained on
+    state = old[0].state_dict(old[0].consumed(steps, batch))
+    after = []
+    for rank in range(new_world):
+        s = block(n, new_world, rank)
+        s.load_state_dict(state)
+        s.set_epoch(epoch)
+        assert s.total_size == old[0].total_size and s.order_replicas == old_world  # the epoch's layout
+        after += list(s)
+    # together: exactly the epoch of the interrupted run, every index as often as it had it
+    assert Counter(before + after) == Counter(i for s in old for i in s)
+    assert len(before) + len(after) == old[0].total_size
+    nxt = block(n, new_world, 0)
+    nxt.load_state_dict(state)
+    nxt.set_epoch(epoch + 1)  # the next epoch is laid out for the new world size
+    fresh = block(n, new_world, 0)
+    fresh.set_epoch(epoch + 1)
+    assert nxt.order_replicas == new_world and list(nxt) == list(fresh)
+
+
+def test_a_checkpoint_of_another_sampler_or_other_blocks_is_refused():
+    from lance_cookbook.sampler import ResumableDistributedSampler
+
+    state = block(100, 1, 0).state_dict(16)
+    with pytest.raises(ValueError, match="block_size"):
+        block(100, 1, 0, block_size=16).load_state_dict(state)
+    with pytest.raises(ValueError, match="BlockShuffleSampler"):
+        ResumableDistributedSampler(range(100), 1, 0, seed=3).load_state_dict(state)
 
 
 def test_set_epoch_changes_the_order_and_the_order_is_deterministic():

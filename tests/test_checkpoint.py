@@ -128,17 +128,21 @@ def test_schedule_is_a_function_of_progress():
 # --- single-process runs -----------------------------------------------------------------------------
 
 
-def test_a_checkpoint_cut_off_mid_write_is_ignored(small, tmp_path):
-    whole = train_main(common(small, tmp_path / "a", tmp_path / "a.json", epochs=1))
+BLOCK = ["--sampler", "block", "--block-size", "8"]
+
+
+@pytest.mark.parametrize("sampler", [[], BLOCK], ids=["default", "block"])
+def test_a_checkpoint_cut_off_mid_write_is_ignored(small, tmp_path, sampler):
+    whole = train_main([*common(small, tmp_path / "a", tmp_path / "a.json", epochs=1), *sampler])
     ckpt = tmp_path / "b"
-    train_main(common(small, ckpt, tmp_path / "b.json", epochs=1))
+    train_main([*common(small, ckpt, tmp_path / "b.json", epochs=1), *sampler])
     newest, older = list_checkpoints(ckpt)  # the newest and one older are kept
     assert newest.name == "checkpoint-e00001-s000000000000.pt"  # the epoch's end
     assert older.name == "checkpoint-e00000-s000000000096.pt"  # after step 6 of 7
     data = newest.read_bytes()
     newest.write_bytes(data[: len(data) // 2])
     with pytest.warns(UserWarning, match="skipping unreadable checkpoint"):
-        resumed = train_main(common(small, ckpt, tmp_path / "b.json", epochs=1))
+        resumed = train_main([*common(small, ckpt, tmp_path / "b.json", epochs=1), *sampler])
     assert resumed["resumes"] == [{"epoch": 0, "step": 6, "samples_consumed": 96, "world_size": 1}]
     same_results(whole, resumed)
 

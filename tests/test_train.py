@@ -187,3 +187,26 @@ def test_ranks_read_one_version_while_a_writer_commits(small, tmp_path):
     assert version > 1  # the writer committed before rank 0 resolved "latest"
     n = lance.dataset(live, version=version).count_rows()
     assert result["epochs"][0]["train_samples_seen"] == n + n % 2  # DistributedSampler pads to 2 equal shards
+
+
+def test_block_sampler_run_trains_each_epoch_on_the_samplers_order(small, tmp_path):
+    from lance_cookbook.block_sampler import BlockShuffleSampler
+    from lance_cookbook.reporting import order_digest
+
+    train, val = small
+    metrics = tmp_path / "metrics.json"
+    cmd = [
+        sys.executable, "-m", "lance_cookbook.train", "--train", train, "--val", val, "--epochs", "2",
+        "--batch-size", "16", "--workers", "0", "--image-size", "16", "--sampler", "block",
+        "--block-size", "8", "--seed", "5", "--print-freq", "0", "--metrics-out", str(metrics),
+    ]  # fmt: skip
+    subprocess.run(cmd, check=True, env=child_env(), timeout=300)
+    epochs = json.loads(metrics.read_text())["epochs"]
+    expected = []
+    for epoch in range(2):
+        sampler = BlockShuffleSampler(range(101), num_replicas=1, rank=0, seed=5, block_size=8)
+        sampler.set_epoch(epoch)
+        expected.append(order_digest(sampler.global_order()))
+    assert [e["train_samples_seen"] for e in epochs] == [101, 101]  # one process: no padding
+    assert [e["order_digest"] for e in epochs] == expected
+    assert expected[0] != expected[1]
