@@ -36,10 +36,12 @@ _EXPORTS = {
     "check_start_method": "loader",
     "default_workers": "loader",
     "make_loader": "loader",
+    "ReentrantDataLoader": "loader",
     "DataWaitMeter": "meters",
     "SmallCNN": "models",
     "build_model": "models",
     "ResumableDistributedSampler": "sampler",
+    "ResumableSampler": "sampler",
     "ShardSampler": "sampler",
 }
 
@@ -54,7 +56,9 @@ __all__ = [
     "IMAGENET_STD",
     "ImageCollate",
     "LanceImageDataset",
+    "ReentrantDataLoader",
     "ResumableDistributedSampler",
+    "ResumableSampler",
     "Rows",
     "ShardSampler",
     "SmallCNN",
@@ -85,10 +89,10 @@ if TYPE_CHECKING:  # what type checkers, IDEs and linters see; never runs
         open_dataset,
     )
     from .device import IMAGENET_MEAN, IMAGENET_STD, to_device
-    from .loader import check_start_method, default_workers, make_loader
+    from .loader import ReentrantDataLoader, check_start_method, default_workers, make_loader
     from .meters import DataWaitMeter
     from .models import SmallCNN, build_model
-    from .sampler import ResumableDistributedSampler, ShardSampler
+    from .sampler import ResumableDistributedSampler, ResumableSampler, ShardSampler
 
 
 def __getattr__(name: str):
