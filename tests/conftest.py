@@ -62,6 +62,17 @@ def digits(tmp_path_factory) -> tuple[str, str]:
     return ensure_digits(tmp_path_factory.mktemp("digits"))
 
 
+@pytest.fixture(scope="session")
+def small(tmp_path_factory) -> tuple[str, str]:
+    """Digits for training runs: 101 training rows and 51 held-out rows, divisible by neither 2 nor 3."""
+    from data_prep.convert import convert
+
+    root = tmp_path_factory.mktemp("small")
+    convert("digits", root / "train.lance", split="train", max_rows=101, progress=False)
+    convert("digits", root / "val.lance", split="test", max_rows=51, progress=False)
+    return str(root / "train.lance"), str(root / "val.lance")
+
+
 @pytest.fixture
 def id_dataset(tmp_path: Path):
     """A Lance dataset of 53 rows whose images encode their row number (see ``id_image``)."""

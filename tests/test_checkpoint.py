@@ -13,21 +13,11 @@ import pytest
 import torch
 from torch.utils.data.distributed import DistributedSampler
 
-from data_prep.convert import convert
 from lance_cookbook.checkpoint import list_checkpoints
 from lance_cookbook.faults import kill_rank_when_paused, pause_env
 from lance_cookbook.sampler import ResumableDistributedSampler
 from lance_cookbook.schedule import OneCycleSchedule
 from lance_cookbook.train import main as train_main
-
-
-@pytest.fixture(scope="module")
-def small(tmp_path_factory) -> tuple[str, str]:
-    """101 training rows and 51 held-out rows: divisible by neither 2 nor 3."""
-    root = tmp_path_factory.mktemp("small")
-    convert("digits", root / "train.lance", split="train", max_rows=101, progress=False)
-    convert("digits", root / "val.lance", split="test", max_rows=51, progress=False)
-    return str(root / "train.lance"), str(root / "val.lance")
 
 
 def common(small, ckpt: Path, metrics: Path, epochs: int = 2) -> list[str]:

@@ -14,19 +14,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from data_prep.convert import convert
 from lance_cookbook import ImageCollate, ShardSampler, build_model, make_loader, open_dataset
 from lance_cookbook.train import evaluate
 from lance_cookbook.train import main as train_main
-
-
-@pytest.fixture(scope="module")
-def small(tmp_path_factory) -> tuple[str, str]:
-    """101 training rows and 51 held-out rows: divisible by neither 2 nor 3."""
-    root = tmp_path_factory.mktemp("small")
-    convert("digits", root / "train.lance", split="train", max_rows=101, progress=False)
-    convert("digits", root / "val.lance", split="test", max_rows=51, progress=False)
-    return str(root / "train.lance"), str(root / "val.lance")
 
 
 def child_env() -> dict[str, str]:
