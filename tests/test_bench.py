@@ -304,3 +304,60 @@ def test_bench_cold_and_warm_side_by_side(tmp_path, capsys, monkeypatch):
     assert "cold img/s" in out and "warm and cold page cache" in out
     assert "cold lance_tv_uint8_block/imagefolder_tv" in report["ratios"]
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_peers_stay_out_of_the_core_import():
+    # the core environment imports the benchmark without the peer libraries (Streaming's transformers
+    # would break `datasets` there): they are imported only when a peer loader is built
+    code = (
+        "import sys, lance_cookbook.bench as b; "
+        "assert set(b.PEER_LOADERS) == {'webdataset', 'streaming', 'litdata'}; "
+        "print(sorted(m for m in ('webdataset', 'streaming', 'litdata') if m in sys.modules))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert proc.stdout.strip() == "[]"
+
+
+def test_peer_rows_and_loader_keys(tmp_path, capsys):
+    assert bench.peers.wds_row({"__key__": "0", "jpg": b"\xff\xd8", "cls": b"7"}) == {
+        "image": b"\xff\xd8",
+        "label": 7,
+    }
+    (tmp_path / "a.jpg").write_bytes(b"jpeg bytes")
+    assert bench.peers.litdata_row((str(tmp_path / "a.jpg"), 3)) == {"image": b"jpeg bytes", "label": 3}
+    args = bench.build_parser().parse_args(["--imagefolder", "x", "--loaders", "lance_tv_uint8,peers"])
+    assert args.loaders == ["lance_tv_uint8", "webdataset", "streaming", "litdata"]
+    assert not set(bench.PEER_LOADERS) & set(bench.LOADERS)  # not in the default set: they need extras
+    with pytest.raises(SystemExit):
+        bench.main(["--help"])
+    text = capsys.readouterr().out
+    assert all(key in text for key in bench.PEER_LOADERS)
+
+
+def test_peers_quick_in_the_peer_environment(tmp_path):
+    # runs where lance_cookbook/bench/requirements-peers.txt is installed (.venv-peers), skipped elsewhere
+    for name in ("webdataset", "streaming", "litdata"):
+        pytest.importorskip(name)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    args = _quick_args(
+        tmp_path, 1, "--loaders", "lance_tv_uint8,peers", "--cache", "both", "--generate", "256"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "lance_cookbook.bench", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert set(report["loaders"]) == {"lance_tv_uint8", *bench.PEER_LOADERS}
+    for key in bench.PEER_LOADERS:
+        res = report["loaders"][key]
+        assert res["images_per_s"] > 0 and res["cold_images_per_s"] > 0, key
+        assert len(res["worker_peak_rss_mib"]) == 1, key  # its spawn worker was found and measured
+        assert report["peer_conversion"][key]["rows"] == 256, key
+        assert report["storage"][f"{key}_bytes"] > 0, key

@@ -28,6 +28,13 @@ Loaders (keys for ``--loaders``):
   lance_arrow        (i) (g) with the Arrow table handed to the collate: JPEG bytes decoded in place, no
                          Python bytes or dicts
 
+Peers (``--loaders peers`` or their keys; not in the default set: they need the peer environment of
+``lance_cookbook/bench/requirements-peers.txt``, see docs/benchmark.md), each written from the same images
+in a fresh process and read with (g)'s collate:
+  webdataset         (k) WebDataset tar shards, shard shuffle + sample buffer, batched in the workers
+  streaming          (l) MosaicML Streaming MDS shards, StreamingDataset(shuffle=True)
+  litdata            (m) LitData optimize chunks, StreamingDataset(shuffle=True) + StreamingDataLoader
+
 ``--breakdown`` also times each step of a worker of (g) on its own (CPU us per image), and every loader
 reports the CPU time per image its main process and its workers spent in the best timed epoch.
 
@@ -41,26 +48,29 @@ of the main process (per loader) and of the workers, in MiB. Output: a table on 
 
 Modules: :mod:`.candidates` (the loaders and their timed epoch), :mod:`.arrow` and :mod:`.baselines` (the
 datasets and collates they add), :mod:`.measure` (CPU seconds and RSS through psutil), :mod:`.conversion`,
-:mod:`.breakdown`, :mod:`.cache` (page-cache eviction), :mod:`.runner` (the whole run), :mod:`.report`
-(table and plot), :mod:`.cli`.
+:mod:`.breakdown`, :mod:`.cache` (page-cache eviction), :mod:`.peers`, :mod:`.runner` (the whole run),
+:mod:`.report` (table and plot), :mod:`.cli`.
 """
 
 from .arrow import ArrowImageCollate, ArrowLanceDataset, jpeg_views
 from .baselines import BytesImageFolder, HFTransform, RowByRowDataset
 from .breakdown import breakdown
 from .cache import evict
-from .candidates import BOUNDS, LOADERS
+from .candidates import ALL_LOADERS, BOUNDS, LOADERS
 from .cli import build_parser, main
+from .peers import PEER_LOADERS
 from .report import format_table, plot
 from .runner import run
 
 __all__ = [
+    "ALL_LOADERS",
     "ArrowImageCollate",
     "ArrowLanceDataset",
     "BOUNDS",
     "BytesImageFolder",
     "HFTransform",
     "LOADERS",
+    "PEER_LOADERS",
     "RowByRowDataset",
     "breakdown",
     "build_parser",

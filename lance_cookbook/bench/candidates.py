@@ -13,15 +13,16 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
-from ..block_sampler import BlockShuffleSampler
+from ..block_sampler import BlockShuffleSampler, mean_batch_entropy
 from ..collate import ImageCollate
 from ..loader import make_loader
 from .arrow import ArrowImageCollate, ArrowLanceDataset
 from .baselines import BytesImageFolder, RowByRowDataset, pil_eval_transform
 from .cache import evict
 from .measure import MiB, PeakRSS, cpu_seconds
+from .peers import PEER_LOADERS, build_peer
 
-__all__ = ["BOUNDS", "LOADERS", "Candidate", "DecodeBound", "Result", "build_candidate"]
+__all__ = ["ALL_LOADERS", "BOUNDS", "LOADERS", "Candidate", "DecodeBound", "Result", "build_candidate"]
 
 LOADERS: dict[str, str] = {
     "bound_pil": "(a) decode bound: PIL, 1 core x workers",
@@ -37,6 +38,8 @@ LOADERS: dict[str, str] = {
     "lance_tv_uint8_block": "(j) (g) + BlockShuffleSampler (contiguous reads)",
 }
 BOUNDS = ("bound_pil", "bound_tv")
+# every key --loaders accepts: the core loaders (the default) and the peers, which need the peer environment
+ALL_LOADERS: dict[str, str] = {**LOADERS, **PEER_LOADERS}
 
 
 @dataclass
@@ -62,12 +65,25 @@ class Result:
     cold_rounds: list[float] = field(default_factory=list)
     cold_main_cpu_us: float | None = None
     cold_worker_cpu_us: float | None = None
+    # shuffle quality as the training loop sees it: the mean label entropy (bits) of the full batches of
+    # the last timed epoch, and that as a fraction of uniformly random batches (a shard or buffer shuffle
+    # is not a global one; 1.0 mixes classes as well as a full shuffle)
+    batch_label_entropy: float | None = None
+    batch_label_entropy_vs_random: float | None = None
     note: str = ""
 
 
-def _count(batch: Any) -> int:
+def _labels(batch: Any) -> list[int]:
     labels = batch["label"] if isinstance(batch, dict) else batch[1]
-    return len(labels)
+    # plain ints: holding the batch's tensor would keep its shared-memory segment (a file descriptor) open
+    return labels.tolist() if hasattr(labels, "tolist") else list(labels)
+
+
+def batch_entropy(batches: list[list[int]]) -> float | None:
+    """Mean label entropy (bits) of the full batches (the longest length seen); ``None`` if none."""
+    full = max(map(len, batches), default=0)
+    values = [mean_batch_entropy(b, range(full), full) for b in batches if full and len(b) == full]
+    return sum(values) / len(values) if values else None
 
 
 class Candidate:
@@ -78,7 +94,7 @@ class Candidate:
     def __init__(self, key: str, loader: Any, note: str = "", paths: list[str] | None = None):
         self.key = key
         self.loader = loader
-        self.result = Result(key, LOADERS[key], note=note)
+        self.result = Result(key, ALL_LOADERS[key], note=note)
         # the files this loader reads: what the cold regime evicts before each of its epochs
         self.paths = list(paths or [])
         self._it: Any = None
@@ -99,9 +115,13 @@ class Candidate:
         self.result.warmup_s = time.perf_counter() - self._t0
 
     def _pass(self) -> tuple[int, float]:
+        batches = []
         start = time.perf_counter()
-        n = sum(_count(batch) for batch in self.loader)
-        return n, time.perf_counter() - start
+        for batch in self.loader:
+            batches.append(_labels(batch))
+        seconds = time.perf_counter() - start
+        self.result.batch_label_entropy = batch_entropy(batches)
+        return sum(map(len, batches)), seconds
 
     def epoch(self, cold: bool = False) -> tuple[int, float]:
         """One timed epoch: (images, seconds). Records its rate, the peak RSS of the main process and of
@@ -217,12 +237,18 @@ def build_candidate(
     blobs: list[bytes],
     bound_seconds: float,
     seed: int = 0,
+    peer_dirs: dict[str, str] | None = None,
 ) -> Candidate:
     """The loader ``key`` of :data:`LOADERS` over ``folder`` / ``uri`` / ``hf``, reading ``order``."""
     common: dict[str, Any] = dict(batch_size=batch_size, sampler=order, num_workers=workers, pin_memory=False)
     if workers > 0:
         common.update(multiprocessing_context="spawn", persistent_workers=True)
     tv_uint8 = ImageCollate(size, decoder="torchvision", dtype=torch.uint8)
+    if key in PEER_LOADERS:
+        loader, paths, note = build_peer(
+            key, (peer_dirs or {})[key], size=size, batch_size=batch_size, workers=workers, seed=seed
+        )
+        return Candidate(key, loader, f"uint8; {note}", paths)
     if key in BOUNDS:
         return DecodeBound(key, blobs, size, batch_size, workers, bound_seconds)
     if key == "imagefolder_pil":

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from ..loader import default_workers
 from .cache import CAN_EVICT
-from .candidates import LOADERS
+from .candidates import ALL_LOADERS, LOADERS
+from .peers import PEER_LOADERS
 from .report import format_table, plot
 from .runner import run
 
@@ -22,10 +23,12 @@ def _loader_list(text: str) -> list[str]:
     if text == "none":
         return []
     keys = [k.strip() for k in text.split(",") if k.strip()]
-    unknown = [k for k in keys if k not in LOADERS]
+    if "peers" in keys:  # shorthand for the three peers (they need the peer environment)
+        keys = [k for k in keys if k != "peers"] + [k for k in PEER_LOADERS if k not in keys]
+    unknown = [k for k in keys if k not in ALL_LOADERS]
     if unknown:
         raise argparse.ArgumentTypeError(
-            f"unknown loader(s) {', '.join(unknown)}; choose from {', '.join(LOADERS)}"
+            f"unknown loader(s) {', '.join(unknown)}; choose from {', '.join(ALL_LOADERS)} or peers"
         )
     return keys
 
@@ -34,7 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m lance_cookbook.bench",
         description="Images/s of PyTorch loaders over the same images: image folder vs HF datasets vs Lance.",
-        epilog="loaders: " + "; ".join(f"{k} = {v}" for k, v in LOADERS.items()),
+        epilog="loaders: "
+        + "; ".join(f"{k} = {v}" for k, v in LOADERS.items())
+        + ". Peers (not in 'all'; 'peers' names the three; they need lance_cookbook/bench/"
+        + "requirements-peers.txt, see docs/benchmark.md): "
+        + "; ".join(f"{k} = {v}" for k, v in PEER_LOADERS.items()),
     )
     p.add_argument("--imagefolder", required=True, metavar="DIR", help="images as DIR/<class>/<image>")
     p.add_argument(
@@ -81,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_loader_list,
         default=list(LOADERS),
         metavar="LIST",
-        help="comma-separated loader keys to run (default all; 'none' measures conversion and storage only)",
+        help="comma-separated loader keys to run (default all core loaders; 'peers' adds WebDataset, "
+        "Streaming and LitData; 'none' measures conversion and storage only)",
     )
     p.add_argument(
         "--work-dir",

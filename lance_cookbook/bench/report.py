@@ -71,6 +71,7 @@ def format_table(report: dict[str, Any]) -> str:
     """The report as the table ``python -m lance_cookbook.bench`` prints."""
     cfg, stats = report["config"], report["imagefolder"]
     sizes = ", ".join(f"{w}x{h}" for w, h in stats["sample_sizes"][:3])
+    width = max([48, *(len(r["label"]) for r in report.get("loaders", {}).values())])
     lines = [
         f"{stats['images']:,} JPEGs ({sizes}; {stats['mean_image_bytes'] / 1024:,.1f} KiB each) -> "
         f"{cfg['image_size']}x{cfg['image_size']}, batch {cfg['batch_size']}, "
@@ -81,8 +82,8 @@ def format_table(report: dict[str, Any]) -> str:
     loaders = report.get("loaders", {})
     base = loaders.get("imagefolder_pil", {}).get("images_per_s")
     bound = loaders.get("bound_tv", {}).get("images_per_s")
-    head = f"{'loader':48s} {'images/s':>9s} {'x (b)':>6s} {'x tv bnd':>8s} {'start s':>7s} "
-    head += f"{'main MiB':>8s} {'wrk MiB':>7s} {'CPU us/img main':>15s} {'wrk':>5s}"
+    head = f"{'loader':{width}s} {'images/s':>9s} {'x (b)':>6s} {'x tv bnd':>8s} {'start s':>7s} "
+    head += f"{'main MiB':>8s} {'wrk MiB':>7s} {'CPU us/img main':>15s} {'wrk':>5s} {'mix':>4s}"
     cold_base = loaders.get("imagefolder_pil", {}).get("cold_images_per_s")
     has_cold = any(res.get("cold_images_per_s") for res in loaders.values())
     if has_cold:  # --cache cold|both: each loader's files evicted before each timed epoch
@@ -100,13 +101,20 @@ def format_table(report: dict[str, Any]) -> str:
                 f"{_num(res.get('cold_main_cpu_us')):>8s} {_num(res.get('cold_worker_cpu_us')):>5s}"
             )
         lines.append(
-            f"{res['label']:48s} {rate:9,.0f} "
+            f"{res['label']:{width}s} {rate:9,.0f} "
             f"{rate / base if base else float('nan'):6.2f} {rate / bound if bound else float('nan'):8.2f} "
             f"{res['startup_s'] if res['key'] not in BOUNDS else float('nan'):7.2f} "
             f"{res['main_peak_rss_mib'] or float('nan'):8.0f} "
             f"{max(workers) if workers else float('nan'):7.0f} "
-            f"{_num(res.get('main_cpu_us')):>15s} {_num(res.get('worker_cpu_us')):>5s}{cold_cols}"
+            f"{_num(res.get('main_cpu_us')):>15s} {_num(res.get('worker_cpu_us')):>5s} "
+            f"{_mix(res.get('batch_label_entropy_vs_random')):>4s}{cold_cols}"
         )
+    if "random_batch_label_entropy" in report:
+        lines += [
+            "",
+            "mix: mean label entropy of a batch as a fraction of uniformly random batches' "
+            f"{report['random_batch_label_entropy']:.2f} bits (1.00: classes mixed as by a full shuffle)",
+        ]
     if report.get("breakdown"):
         lines += ["", "where a worker's time goes (--breakdown; CPU us per image, one torch thread):"]
         lines += [f"  {step['step']:44s} {step['cpu_us_per_image']:8.1f}" for step in report["breakdown"]]
@@ -118,6 +126,15 @@ def format_table(report: dict[str, Any]) -> str:
             f"{conv['seconds']:.2f} s "
             f"= {conv['images_per_s']:,.0f} images/s; peak RSS {conv['peak_rss'] / MiB:,.0f} MiB "
             f"({conv['rss_before'] / MiB:,.0f} MiB after imports)"
+        )
+    for key, pc in report.get("peer_conversion", {}).items():
+        settings = ", ".join(
+            f"{k}={v}" for k, v in pc.items() if k not in ("rows", "seconds", "images_per_s", "peak_rss")
+        )
+        rss = f"; peak RSS {pc['peak_rss'] / MiB:,.0f} MiB" if pc.get("peak_rss") else ""
+        lines.append(
+            f"{key} writer (fresh process; {settings}): {pc['rows']:,} images in {pc['seconds']:.2f} s = "
+            f"{pc['images_per_s']:,.0f} images/s{rss}"
         )
     hfp = report.get("hf_prepare")
     if hfp:
@@ -131,6 +148,9 @@ def format_table(report: dict[str, Any]) -> str:
         f"({st['imagefolder_allocated_bytes'] / MiB:,.1f} MiB allocated in blocks), "
         f"Lance {st['lance_bytes'] / MiB:,.1f} MiB ({st['lance_allocated_bytes'] / MiB:,.1f} MiB allocated)"
     )
+    for key in PEERS:
+        if f"{key}_bytes" in st:
+            disk += f", {key} {st[f'{key}_bytes'] / MiB:,.1f} MiB"
     if "hf_cache_bytes" in st:
         disk += f", HF cache {st['hf_cache_bytes'] / MiB:,.2f} MiB (+ the image folder it points to)"
     lines.append(disk)
@@ -147,6 +167,10 @@ def _cache_note(cache: str) -> str:
         "cold": "; cold page cache (each loader's files evicted before each timed epoch)",
         "both": "; warm and cold page cache (cold: each loader's files evicted before each timed epoch)",
     }[cache]
+
+
+def _mix(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
 
 
 def _num(value: float | None) -> str:

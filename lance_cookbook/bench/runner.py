@@ -16,12 +16,14 @@ import torch
 from PIL import Image
 from torchvision.datasets import ImageFolder
 
+from ..block_sampler import mean_batch_entropy
 from ..disk_usage import dir_bytes
 from .baselines import load_hf
 from .breakdown import breakdown
-from .candidates import BOUNDS, LOADERS, Candidate, build_candidate
+from .candidates import ALL_LOADERS, BOUNDS, Candidate, build_candidate
 from .conversion import convert_in_child
 from .measure import MiB, rss_bytes
+from .peers import PEER_LOADERS, write_in_child
 from .report import ratios_and_targets
 
 __all__ = ["folder_stats", "run"]
@@ -167,7 +169,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             _log(f"note: {uri} holds {n:,} rows and {folder} {stats['images']:,} files")
         n = min(n, stats["images"])
 
-        keys = [k for k in LOADERS if k in args.loaders]
+        keys = [k for k in ALL_LOADERS if k in args.loaders]
+        peer_dirs: dict[str, str] = {}
+        for key in (k for k in keys if k in PEER_LOADERS):
+            # each peer writes the same images into its own format, in a fresh process (its own figures)
+            peer_dirs[key] = str(work / key)
+            _log(f"writing {folder} -> {peer_dirs[key]} ({key})")
+            report.setdefault("peer_conversion", {})[key] = write_in_child(
+                key, folder, peer_dirs[key], args.seed
+            )
+            report["storage"][f"{key}_bytes"] = dir_bytes(peer_dirs[key])[0]
         hf = None
         if "hf_datasets" in keys:
             _log("preparing the HF datasets imagefolder")
@@ -193,12 +204,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 blobs=blobs,
                 bound_seconds=0.25 if args.quick else 1.5,
                 seed=args.seed,
+                peer_dirs=peer_dirs,
             )
             for key in keys
         ]
         _warm_up(candidates, concurrent=args.quick)
         report["config"]["startup_concurrent"] = bool(args.quick)
         _timed_rounds(candidates, max(1, args.epochs - 1), progress, getattr(args, "cache", "warm"))
+        # the label entropy of uniformly random batches, the reference of each loader's shuffle quality
+        labels = [label for _, label in ImageFolder(folder).samples][:n]
+        random_order = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed + 1)).tolist()
+        reference = mean_batch_entropy(labels, random_order, args.batch_size)
+        report["random_batch_label_entropy"] = reference
+        for cand in candidates:
+            if cand.result.batch_label_entropy is not None and reference > 0:
+                cand.result.batch_label_entropy_vs_random = cand.result.batch_label_entropy / reference
         for cand in candidates:
             cand.close()
         report["main_rss_before_loaders_mib"] = main_rss / MiB if main_rss else None
