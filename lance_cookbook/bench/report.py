@@ -217,7 +217,10 @@ def plot(report: dict[str, Any], path: str) -> None:
     ax.set_xlabel("images/s (best timed epoch)" + ("; pale bars: cold page cache" if len(series) > 1 else ""))
     ax.set_title(
         f"{report['imagefolder']['images']:,} images -> {cfg['image_size']} px, batch {cfg['batch_size']}, "
-        f"{cfg['workers']} spawn workers{_cache_note(cfg.get('cache', 'warm')).split(' (')[0]}",
+        f"{cfg['workers']} spawn workers"
+        + {"warm": "", "cold": "\ncold page cache", "both": "\nwarm and cold page cache"}[
+            cfg.get("cache", "warm")
+        ],
         fontsize=10,
     )
     ax.set_xlim(0, top * 1.25)
