@@ -4,14 +4,21 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 DATA   ?= data
 BUILD  ?= build
+SITE   ?= site
 NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
+# an executed copy is stale when its notebook or the code it runs changed
+EXECUTED  := $(patsubst notebooks/%,$(BUILD)/%,$(NOTEBOOKS))
+PACKAGE_SOURCES := $(shell find lance_cookbook data_prep -name '*.py')
+DOCS_SOURCES := mkdocs.yml $(shell find docs -type f -not -path 'docs/chapters/*' -not -path 'docs/screenshots/*')
+EXECUTE = $(VENV)/bin/jupyter nbconvert --to notebook --execute --ExecutePreprocessor.timeout=900 \
+	--ExecutePreprocessor.kernel_name=python3 --output-dir $(BUILD)
 
-.PHONY: run test lab data notebooks lint format bench clean
+.PHONY: run test lab data notebooks docs lint format bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,scale]'
+	$(PY) -m pip install --quiet -e '.[dev,scale,docs]'
 	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (lance-cookbook)" >/dev/null
 	touch $@
 
@@ -25,16 +32,32 @@ notebooks: $(VENV)/.installed
 	@mkdir -p $(BUILD)
 	@for nb in $(NOTEBOOKS); do \
 		echo "executing $$nb"; \
-		$(VENV)/bin/jupyter nbconvert --to notebook --execute --ExecutePreprocessor.timeout=900 \
-			--ExecutePreprocessor.kernel_name=python3 --output-dir $(BUILD) "$$nb" || exit 1; \
+		$(EXECUTE) "$$nb" || exit 1; \
 	done
 	@echo "executed notebooks are in $(BUILD)/"
 
-## make test: install, lint, unit tests and every notebook under nbmake
+# one chapter, executed into build/ when missing or stale (a failing cell fails it and writes nothing)
+$(BUILD)/%.ipynb: notebooks/%.ipynb $(PACKAGE_SOURCES) | $(VENV)/.installed
+	@mkdir -p $(BUILD)
+	@echo "executing $<"
+	@$(EXECUTE) "$<"
+
+## make docs: the site in site/ from the executed notebooks (executing those missing or stale first)
+docs: $(SITE)/index.html
+
+$(SITE)/index.html: $(EXECUTED) $(DOCS_SOURCES) $(PACKAGE_SOURCES) | $(VENV)/.installed
+	rm -rf docs/chapters && mkdir -p docs/chapters && cp $(EXECUTED) docs/chapters/
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --quiet
+	@touch $@
+	@echo "site built: open $(SITE)/index.html or run: python -m http.server -d $(SITE)"
+
+## make test: install, lint, every notebook executed into build/ and the site built (make docs), then the
+## unit tests, the notebooks' static checks and the site opened in headless Chromium (tests/test_site.py)
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV)/bin/pytest tests --nbmake notebooks
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(MAKE) --no-print-directory docs
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV)/bin/pytest tests
 
 ## make lab: JupyterLab on the notebooks
 lab: $(VENV)/.installed data
@@ -47,4 +70,4 @@ format:
 	$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .
 
 clean:
-	rm -rf $(BUILD) $(DATA)
+	rm -rf $(BUILD) $(DATA) $(SITE) docs/chapters
