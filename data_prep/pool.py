@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import itertools
 import multiprocessing
-import multiprocessing.forkserver
 import os
 import signal
 from collections import deque
@@ -19,6 +18,8 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
+
+from lance_cookbook.start_method import lance_safe_context
 
 from .check import ConversionError, InvalidImage, check_items, init_worker, pil_settings
 from .sources import Record
@@ -211,23 +212,11 @@ FORKSERVER_PRELOAD = ["data_prep.pool"]
 
 
 def start_context() -> multiprocessing.context.BaseContext:
-    """The start method of checking workers: ``forkserver`` where the platform has it, else ``spawn``.
-
-    A spawned worker is a fresh interpreter that imports PIL and the caller's ``__main__`` again (~0.15 s of
-    CPU each, a tenth of a 20,000-image conversion on 2 cores); a forked one starts in milliseconds from
-    a server that has them already, and the server serves every later pool of this process. The server's
-    preload list is this process's (``multiprocessing.set_forkserver_preload``): ours is added to it and
-    ``__main__`` removed from it, as a script's ``__main__`` may import Lance, which the server must not
-    hold. The list is read from a private attribute (CPython 3.4 to 3.14); without it ours alone is used.
-    Once the server runs (a DataLoader's may have started it) its preload stays as it was.
-    """
-    if "forkserver" not in multiprocessing.get_all_start_methods():
-        return multiprocessing.get_context("spawn")
-    theirs = getattr(getattr(multiprocessing.forkserver, "_forkserver", None), "_preload_modules", None) or []
-    keep = [m for m in theirs if m != "__main__" and m != "lance" and not m.startswith("lance.")]
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(keep + [m for m in FORKSERVER_PRELOAD if m not in keep])
-    return context
+    """The start method of checking workers: ``forkserver`` where the platform has it, else ``spawn``
+    (:func:`lance_cookbook.start_method.lance_safe_context`). A spawned worker imports PIL and the caller's
+    ``__main__`` again (~0.15 s of CPU each, a tenth of a 20,000-image conversion on 2 cores); a forked one
+    starts in milliseconds from a server that has them already."""
+    return lance_safe_context(FORKSERVER_PRELOAD)
 
 
 def checked_batches(

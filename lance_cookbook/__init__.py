@@ -33,7 +33,7 @@ _EXPORTS = {
     "IMAGENET_MEAN": "device",
     "IMAGENET_STD": "device",
     "to_device": "device",
-    "check_start_method": "loader",
+    "check_start_method": "start_method",
     "default_workers": "loader",
     "make_loader": "loader",
     "ReentrantDataLoader": "loader",
@@ -89,10 +89,11 @@ if TYPE_CHECKING:  # what type checkers, IDEs and linters see; never runs
         open_dataset,
     )
     from .device import IMAGENET_MEAN, IMAGENET_STD, to_device
-    from .loader import ReentrantDataLoader, check_start_method, default_workers, make_loader
+    from .loader import ReentrantDataLoader, default_workers, make_loader
     from .meters import DataWaitMeter
     from .models import SmallCNN, build_model
     from .sampler import ResumableDistributedSampler, ResumableSampler, ShardSampler
+    from .start_method import check_start_method
 
 
 def __getattr__(name: str):

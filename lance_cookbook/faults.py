@@ -64,7 +64,8 @@ def rank_process(launcher_pid: int, rank: int, module: str = "lance_cookbook.tra
 def kill_rank_when_paused(
     launcher: subprocess.Popen, checkpoint: str | os.PathLike, rank: int, *, give_up_s: float = 600.0
 ) -> int:
-    """Wait until ``checkpoint`` exists (the ranks pause right after writing it), then SIGKILL ``rank``.
+    """Wait until ``checkpoint`` exists (the ranks pause right after writing it), then SIGKILL ``rank`` and
+    its DataLoader workers.
 
     SIGKILL, because a preempted or OOM-killed process gets no chance to clean up either: no handler
     runs, no file is closed. ``torch.distributed.run`` then sees a failed worker, stops the others and,
@@ -100,6 +101,19 @@ def kill_rank_when_paused(
             raise RuntimeError(f"gave up after {give_up_s:.0f} s: no {checkpoint}, or no rank {rank} found")
         target = rank_process(launcher.pid, rank) if checkpoint.exists() else None
         if target is not None:
+            try:
+                workers = target.children(recursive=True)
+            except psutil.NoSuchProcess:
+                workers = []
             os.kill(target.pid, signal.SIGKILL)
+            # Its DataLoader workers go with it, as on a lost node. Left alone, a worker whose parent died
+            # with batches still queued can block for ever at exit, joining its queue's feeder thread: it
+            # holds the pipe's reading end itself, so the write never fails. It would outlive the run and
+            # keep the launcher's stdout open.
+            for worker in workers:
+                try:
+                    worker.kill()
+                except psutil.NoSuchProcess:
+                    pass
             return target.pid
         time.sleep(0.1)

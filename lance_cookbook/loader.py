@@ -1,8 +1,8 @@
-"""The recommended DataLoader over a Lance dataset: batched reads, spawn workers, decode in the collate."""
+"""The recommended DataLoader over a Lance dataset: batched reads, forkserver or spawn workers, decode in the
+collate."""
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 from typing import Any
 
@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .collate import ImageCollate
 from .dataset import open_dataset
+from .start_method import LOADER_PRELOAD, check_start_method, lance_safe_context
 
 __all__ = ["make_loader", "default_workers", "check_start_method", "ReentrantDataLoader"]
 
@@ -25,34 +26,18 @@ def default_workers() -> int:
     return max(1, min(8, cores))
 
 
-def check_start_method(context: str | Any) -> Any:
-    """Return a multiprocessing context that is safe with Lance, or raise for ``fork``.
-
-    Lance's Rust runtime holds threads and locks that a forked child inherits in an unknown state
-    (deadlocks and segfaults: lance#3640, lance#2204), so only ``spawn`` and ``forkserver`` are allowed.
-    """
-    ctx = multiprocessing.get_context(context) if isinstance(context, str) or context is None else context
-    method = ctx.get_start_method()
-    if method == "fork":
-        raise ValueError(
-            "the 'fork' start method is not safe with Lance (a forked worker inherits the Lance runtime's "
-            "threads and locks and can deadlock or segfault); use multiprocessing_context='spawn' "
-            "(default) or 'forkserver'"
-        )
-    return ctx
-
-
 class ReentrantDataLoader(DataLoader):
     """A ``DataLoader`` whose persistent workers never serve two passes at once.
 
-    With ``persistent_workers=True`` a plain ``DataLoader`` keeps one iterator and ``iter(loader)`` resets
-    and returns it, so a second pass started while one is running (a full evaluation pass over the same
-    loader mid-epoch, ``zip(loader, loader)``) silently cuts the first short: both share one stream of
-    batches (torchrec#2327). Here only one pass at a time uses the persistent workers; a pass started while
-    another is still running gets a ``DataLoader`` of its own with short-lived workers (same dataset,
-    sampler, collate and options), so every pass yields every batch once. That pass pays the worker
-    start-up again (about 3 s for 2 spawn workers, ``../shared/GUIDE.md``). A pass ends when its iterator
-    is exhausted or dropped (``break`` out of the loop). Constructor arguments are ``DataLoader``'s.
+    With ``persistent_workers=True`` a plain ``DataLoader`` keeps one iterator and ``iter(loader)`` resets and
+    returns it, so a second pass started while one is running (a full evaluation pass over the same loader
+    mid-epoch, ``zip(loader, loader)``) silently cuts the first short: both share one stream of batches
+    (torchrec#2327). Here only one pass at a time uses the persistent workers; a pass started while another is
+    still running gets a ``DataLoader`` of its own with short-lived workers (same dataset, sampler, collate
+    and options), so every pass yields every batch once. That pass pays the worker start-up again
+    (milliseconds from the fork server, about 3 s for 2 spawn workers, ``../shared/GUIDE.md``). A pass ends
+    when its iterator is exhausted or dropped (``break`` out of the loop). Constructor arguments are
+    ``DataLoader``'s.
     """
 
     def __init__(self, *args: Any, **kwargs: Any):
@@ -111,7 +96,7 @@ def make_loader(
     version: int | str | None = None,
     storage_options: dict[str, str] | None = None,
     columns: list[str] | tuple[str, ...] | None | str = "auto",
-    multiprocessing_context: str | Any = "spawn",
+    multiprocessing_context: str | Any | None = None,
     persistent_workers: bool | None = None,
     **dataloader_kwargs: Any,
 ) -> DataLoader:
@@ -121,8 +106,12 @@ def make_loader(
       fetches them with one ``take``; ``collate_fn`` then decodes the bytes in the worker.
     - Default ``collate_fn``: ``ImageCollate(224, decoder="torchvision", dtype=torch.uint8)`` (the fastest
       path measured; finish on the device with :func:`lance_cookbook.to_device`).
-    - ``num_workers`` defaults to :func:`default_workers`; workers start with ``spawn`` (``fork`` is refused)
-      and persist across epochs; ``pin_memory`` defaults to ``torch.cuda.is_available()``.
+    - ``num_workers`` defaults to :func:`default_workers`; workers persist across epochs and start from a
+      fork server that imported torch, torchvision, PIL and numpy once, never Lance
+      (:func:`lance_cookbook.start_method.lance_safe_context`; spawn where the platform has no
+      forkserver): a loader's first batch comes in well under a second instead of about 3 s with spawn
+      (``../shared/GUIDE.md``). ``multiprocessing_context="spawn"`` still works; ``fork`` is refused
+      (lance#3640). ``pin_memory`` defaults to ``torch.cuda.is_available()``.
     - A URI is opened here first, so a wrong path fails now with its name; ``version`` and
       ``storage_options`` reach every worker.
     - ``columns``: what each batch reads from a URI. ``"auto"`` (default) reads the columns the collate
@@ -173,7 +162,10 @@ def make_loader(
         pin_memory=pin_memory,
     )
     if num_workers > 0:
-        kwargs["multiprocessing_context"] = check_start_method(multiprocessing_context)
+        if multiprocessing_context is None:
+            kwargs["multiprocessing_context"] = lance_safe_context(LOADER_PRELOAD)
+        else:
+            kwargs["multiprocessing_context"] = check_start_method(multiprocessing_context)
         kwargs["persistent_workers"] = True if persistent_workers is None else persistent_workers
     elif persistent_workers:
         raise ValueError("persistent_workers=True needs num_workers > 0")

@@ -27,15 +27,18 @@ def decoded_ids(images: torch.Tensor) -> list[int]:
     return (images[:, 0, 0, 0].long() + 256 * images[:, 1, 0, 0].long()).tolist()
 
 
-def test_two_spawn_workers_yield_every_row_once_per_epoch(id_dataset):
+@pytest.mark.parametrize("context", [None, "spawn"])
+def test_two_workers_yield_every_row_once_per_epoch(id_dataset, context):
     loader = make_loader(
         id_dataset,
         batch_size=8,
         num_workers=2,
         shuffle=True,
         collate_fn=ImageCollate(size=8, decoder="torchvision", dtype=torch.uint8),
+        multiprocessing_context=context,
     )
-    assert loader.multiprocessing_context.get_start_method() == "spawn"
+    default = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    assert loader.multiprocessing_context.get_start_method() == (context or default)
     assert loader.persistent_workers
     orders = []
     for _ in range(2):
@@ -288,3 +291,18 @@ def test_evaluation_keeps_proportions_with_both_decoders():
         image = collate([{"image": blob, "label": 0}]).image[0]
         # the 14 px crop of a 64x16 photo resized to 64x16 is columns 25-38: all blue
         assert image.shape == (3, 14, 14) and (image[2] > 200).all() and (image[0] < 55).all(), decoder
+
+
+def test_the_fork_server_preloads_torch_and_never_lance():
+    """Workers fork from a server that imported torch once (fast start); Lance must be imported only after
+    the fork (lance#3727), and a script's __main__ may import it, so neither is preloaded."""
+    import multiprocessing.forkserver
+
+    from lance_cookbook.start_method import lance_safe_context
+
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        pytest.skip("this platform has no forkserver: spawn is used")
+    multiprocessing.set_forkserver_preload(["__main__", "lance", "json"])
+    lance_safe_context(["torch", "numpy"])
+    preload = multiprocessing.forkserver._forkserver._preload_modules
+    assert preload == ["json", "torch", "numpy"]

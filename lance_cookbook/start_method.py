@@ -1,0 +1,64 @@
+"""Start methods that are safe with Lance: forkserver (workers in milliseconds) or spawn, never fork.
+
+Torch-free on purpose: the conversion's checking pool (``data_prep.pool``) uses it too, and must not pay
+for importing torch.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import multiprocessing.context
+import multiprocessing.forkserver
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["check_start_method", "lance_safe_context", "LOADER_PRELOAD"]
+
+# What DataLoader workers import before they can run a collate: loaded once by the fork server instead of
+# by every worker. Measured: a second loader's first batch in 0.48 s instead of 2.9-3.0 s with spawn
+# (../shared/GUIDE.md, "Worker start").
+LOADER_PRELOAD = ("torch", "torchvision", "PIL", "numpy")
+
+
+def check_start_method(context: str | Any) -> Any:
+    """Return a multiprocessing context that is safe with Lance, or raise for ``fork``.
+
+    Lance's Rust runtime holds threads and locks that a forked child inherits in an unknown state
+    (deadlocks and segfaults: lance#3640, lance#2204), so only ``spawn`` and ``forkserver`` are allowed.
+
+    Raises
+    ------
+    ValueError
+        For the ``fork`` start method (by name or as a context).
+    """
+    ctx = multiprocessing.get_context(context) if isinstance(context, str) or context is None else context
+    method = ctx.get_start_method()
+    if method == "fork":
+        raise ValueError(
+            "the 'fork' start method is not safe with Lance (a forked worker inherits the Lance runtime's "
+            "threads and locks and can deadlock or segfault); use multiprocessing_context='forkserver' "
+            "(default where the platform has it) or 'spawn'"
+        )
+    return ctx
+
+
+def lance_safe_context(preload: Sequence[str] = ()) -> multiprocessing.context.BaseContext:
+    """``forkserver`` where the platform has it (Linux, macOS), else ``spawn``; ``preload`` added to the
+    fork server's preload list.
+
+    A spawned worker is a fresh interpreter that imports everything again (about 3 s for a DataLoader
+    worker that needs torch, ../shared/GUIDE.md); a forkserver worker is forked in milliseconds from a
+    server that imported ``preload`` once. The server must never hold Lance: a process that imported Lance
+    must not fork (lance#3640), one that imports it after the fork server started is safe (lance#3727). So
+    ``lance`` and ``__main__`` (a script's ``__main__`` may import Lance) are removed from the preload list,
+    which is this process's (``multiprocessing.set_forkserver_preload``) and is read from a private
+    attribute (CPython 3.4-3.14; without it, ``preload`` alone is used). Once the server runs, its preload
+    stays as it was: a later caller's modules are then imported by each worker.
+    """
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    theirs = getattr(getattr(multiprocessing.forkserver, "_forkserver", None), "_preload_modules", None) or []
+    keep = [m for m in theirs if m != "__main__" and m != "lance" and not m.startswith("lance.")]
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(keep + [m for m in preload if m not in keep])
+    return context
