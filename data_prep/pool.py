@@ -141,6 +141,9 @@ class CheckPool:
         proc, code = ended[0], ended[0].exitcode
         if code < 0:
             how = f"was killed by signal {-code}" + (" (the out-of-memory killer?)" if code == -9 else "")
+        elif code == 255 and isinstance(proc, multiprocessing.context.ForkServerProcess):
+            # multiprocessing's forkserver Popen reports 255 when the server could not tell it the status
+            how = "died (killed, or out of memory? the fork server lost its exit status)"
         else:
             how = f"exited with code {code}"
         return f"a checking worker process (pid {proc.pid}) {how}"
