@@ -139,7 +139,7 @@ def test_failed_s3_conversion_leaves_no_dataset_and_keeps_previous_version(s3, f
     assert rows(uri, s3) == before
 
 
-def test_make_loader_reads_s3_with_two_spawn_workers(s3):
+def test_make_loader_reads_s3_with_two_workers(s3):
     uri = f"s3://{BUCKET}/loader/digits.lance"
     convert("digits", uri, split="test", max_rows=101, storage_options=s3, progress=False)
     loader = make_loader(
@@ -149,7 +149,7 @@ def test_make_loader_reads_s3_with_two_spawn_workers(s3):
         num_workers=2,
         collate_fn=ImageCollate(16, decoder="torchvision", dtype=torch.uint8),
     )
-    assert loader.multiprocessing_context.get_start_method() == "spawn"
+    assert loader.multiprocessing_context.get_start_method() in ("forkserver", "spawn")  # never fork
     labels, shapes = [], set()
     for images, batch_labels in loader:
         shapes.add(tuple(images.shape[1:]))
