@@ -147,7 +147,8 @@ def convert(
     overwrite : bool
         Replace an existing dataset by a new version (the previous one stays readable).
     max_rows : int, optional
-        Stop after this many valid rows, in source order.
+        Stop after this many valid rows, in source order (in the ``shuffle`` order when given: a random
+        subset).
     rows_per_file : int
         Most rows per Lance data file.
     skip_invalid : bool
@@ -320,7 +321,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="replace an existing dataset as a new version (default: refuse)",
     )
     p.add_argument(
-        "--max-rows", type=int, metavar="N", help="stop after N valid rows, in source order (default: all)"
+        "--max-rows",
+        type=int,
+        metavar="N",
+        help="stop after N valid rows, in source order or in the --shuffle order when given (default: all)",
     )
     p.add_argument(
         "--rows-per-file",

@@ -1,11 +1,12 @@
 """lance-cookbook: train PyTorch image models from Lance datasets.
 
 The map-style recipe: ``SafeLanceDataset`` (batched ``take`` of raw image bytes) + ``DistributedSampler``
-+ ``DataLoader`` (spawn workers, ``pin_memory``) + ``sampler.set_epoch`` + a collate that decodes the bytes.
++ ``DataLoader`` (forkserver or spawn workers, ``pin_memory``) + ``sampler.set_epoch`` + a collate that
+decodes the bytes.
 
 The public names below load on first use (PEP 562): most of them need torch (~1 GB of memory, ~3 s on 2
 cores), and the conversion (``data_prep``) imports torch-free helpers such as ``lance_cookbook.cli`` that
-must not pay for it, in the command nor in its spawn workers.
+must not pay for it, in the command nor in its worker processes.
 """
 
 from __future__ import annotations
