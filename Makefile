@@ -59,6 +59,24 @@ test: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(MAKE) --no-print-directory docs
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV)/bin/pytest tests
 
+## make bench: the full loader comparison of docs/benchmark.md (20,000 distinct 32x32 JPEGs, warm and cold page
+## cache, WebDataset, MosaicML Streaming and LitData); the peers live in .venv-peers, apart from .venv, because
+## mosaicml-streaming's dependencies break `datasets` (lance_cookbook/bench/requirements-peers.txt)
+BENCH ?= $(BUILD)/bench
+PEERS := .venv-peers
+bench: $(VENV)/.installed
+	test -x $(PEERS)/bin/python || $(PYTHON) -m venv $(PEERS)
+	$(PEERS)/bin/pip install --quiet -r lance_cookbook/bench/requirements-peers.txt
+	$(PEERS)/bin/pip check
+	test -d $(BENCH)/img32 || $(PY) -m lance_cookbook.synthetic --output $(BENCH)/img32 --count 20000 \
+		--size 32x32 --classes 10 --seed 0
+	test -d $(BENCH)/shuffled.lance || $(PY) -m data_prep.convert --source imagefolder:$(BENCH)/img32 \
+		--output $(BENCH)/shuffled.lance --shuffle 0 --no-progress
+	OMP_NUM_THREADS=1 PYTHONPATH=. $(PEERS)/bin/python -m lance_cookbook.bench --imagefolder $(BENCH)/img32 \
+		--lance $(BENCH)/shuffled.lance --image-size 32 --batch-size 64 --workers 2 --epochs 4 --cache both \
+		--loaders imagefolder_pil,imagefolder_tv,lance_tv_uint8,lance_tv_uint8_block,peers \
+		--work-dir $(BENCH)/work --json $(BENCH)/bench-32px-peers.json --plot $(BENCH)/bench-32px-peers.png
+
 ## make lab: JupyterLab on the notebooks
 lab: $(VENV)/.installed data
 	$(VENV)/bin/jupyter lab notebooks
