@@ -1,7 +1,7 @@
 """A DDP training sampler whose batches read runs of consecutive rows: block shuffling.
 
 Lance's ``take`` of a run of consecutive rows costs about 5-7 us per row, a ``take`` of rows scattered over
-the dataset about 16 us (``../shared/GUIDE.md``); on a cold page cache the gap is wider. A full random
+the dataset about 16 us (``docs/benchmark.md``); on a cold page cache the gap is wider. A full random
 permutation (``DistributedSampler``) scatters every batch. :class:`BlockShuffleSampler` shuffles at two
 levels instead, in the spirit of FFCV's quasi-random order (shuffle pages, then samples among a few pages
 held at once) and MosaicML Streaming's block shuffles (shuffle shards, then samples inside fixed-size

@@ -35,7 +35,7 @@ class ReentrantDataLoader(DataLoader):
     (torchrec#2327). Here only one pass at a time uses the persistent workers; a pass started while another is
     still running gets a ``DataLoader`` of its own with short-lived workers (same dataset, sampler, collate
     and options), so every pass yields every batch once. That pass pays the worker start-up again
-    (milliseconds from the fork server, about 3 s for 2 spawn workers, ``../shared/GUIDE.md``). A pass ends
+    (milliseconds from the fork server, about 3 s for 2 spawn workers, ``docs/benchmark.md``). A pass ends
     when its iterator is exhausted or dropped (``break`` out of the loop). Constructor arguments are
     ``DataLoader``'s.
     """
@@ -110,7 +110,7 @@ def make_loader(
       fork server that imported torch, torchvision, PIL and numpy once, never Lance
       (:func:`lance_cookbook.start_method.lance_safe_context`; spawn where the platform has no
       forkserver): a loader's first batch comes in well under a second instead of about 3 s with spawn
-      (``../shared/GUIDE.md``). ``multiprocessing_context="spawn"`` still works; ``fork`` is refused
+      (``docs/benchmark.md``). ``multiprocessing_context="spawn"`` still works; ``fork`` is refused
       (lance#3640). ``pin_memory`` defaults to ``torch.cuda.is_available()``.
     - A URI is opened here first, so a wrong path fails now with its name; ``version`` and
       ``storage_options`` reach every worker.

@@ -16,7 +16,7 @@ __all__ = ["check_start_method", "lance_safe_context", "LOADER_PRELOAD"]
 
 # What DataLoader workers import before they can run a collate: loaded once by the fork server instead of
 # by every worker. Measured: a second loader's first batch in 0.48 s instead of 2.9-3.0 s with spawn
-# (../shared/GUIDE.md, "Worker start").
+# (docs/benchmark.md, "Worker start-up and per-row read costs").
 LOADER_PRELOAD = ("torch", "torchvision", "PIL", "numpy")
 
 
@@ -47,7 +47,7 @@ def lance_safe_context(preload: Sequence[str] = ()) -> multiprocessing.context.B
     fork server's preload list.
 
     A spawned worker is a fresh interpreter that imports everything again (about 3 s for a DataLoader
-    worker that needs torch, ../shared/GUIDE.md); a forkserver worker is forked in milliseconds from a
+    worker that needs torch, docs/benchmark.md); a forkserver worker is forked in milliseconds from a
     server that imported ``preload`` once. The server must never hold Lance: a process that imported Lance
     must not fork (lance#3640), one that imports it after the fork server started is safe (lance#3727). So
     ``lance`` and ``__main__`` (a script's ``__main__`` may import Lance) are removed from the preload list,
