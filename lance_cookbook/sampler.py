@@ -11,6 +11,21 @@ from torch.utils.data import Sampler
 __all__ = ["ShardSampler", "ResumableSampler", "ResumableDistributedSampler", "pad_order"]
 
 
+def replicas_and_rank(num_replicas: int | None, rank: int | None) -> tuple[int, int]:
+    """``(num_replicas, rank)``, each taken from the process group when ``None`` (1 and 0 without one),
+    as ``DistributedSampler`` does. Raises ``ValueError`` for a world size below 1 or a rank outside it."""
+    initialized = dist.is_available() and dist.is_initialized()
+    if num_replicas is None:
+        num_replicas = dist.get_world_size() if initialized else 1
+    if rank is None:
+        rank = dist.get_rank() if initialized else 0
+    if num_replicas < 1:
+        raise ValueError(f"num_replicas must be >= 1, got {num_replicas}")
+    if not 0 <= rank < num_replicas:
+        raise ValueError(f"rank {rank} is not in [0, {num_replicas})")
+    return num_replicas, rank
+
+
 class ShardSampler(Sampler[int]):
     """Rank ``r`` of ``w`` gets the contiguous rows ``[n*r//w, n*(r+1)//w)``: no padding, no shuffling.
 
@@ -23,12 +38,7 @@ class ShardSampler(Sampler[int]):
 
     def __init__(self, data_source: Sized | int, num_replicas: int | None = None, rank: int | None = None):
         n = data_source if isinstance(data_source, int) else len(data_source)
-        if num_replicas is None:
-            num_replicas = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        if rank is None:
-            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        if not 0 <= rank < num_replicas:
-            raise ValueError(f"rank {rank} is not in [0, {num_replicas})")
+        num_replicas, rank = replicas_and_rank(num_replicas, rank)
         self.num_samples_total = n
         self.num_replicas = num_replicas
         self.rank = rank
@@ -91,14 +101,7 @@ class ResumableSampler(Sampler[int]):
         seed: int = 0,
         drop_last: bool = False,
     ):
-        if num_replicas is None:
-            num_replicas = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        if rank is None:
-            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        if num_replicas < 1:
-            raise ValueError(f"num_replicas must be >= 1, got {num_replicas}")
-        if not 0 <= rank < num_replicas:
-            raise ValueError(f"rank {rank} is not in [0, {num_replicas})")
+        num_replicas, rank = replicas_and_rank(num_replicas, rank)
         self.dataset_size = len(dataset)
         self.num_replicas = num_replicas
         self.rank = rank

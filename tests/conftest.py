@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +61,19 @@ def digits(tmp_path_factory) -> tuple[str, str]:
     from data_prep.digits import ensure_digits
 
     return ensure_digits(tmp_path_factory.mktemp("digits"))
+
+
+def torchrun(nproc: int, *args: str, restarts: int = 0) -> list[str]:
+    """``python -m torch.distributed.run --standalone`` of ``lance_cookbook.train`` with ``args``."""
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+        "--max-restarts", str(restarts), "-m", "lance_cookbook.train", *args,
+    ]  # fmt: skip
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """This environment for a child process: one OpenMP thread (2 cores), unbuffered output."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
 
 
 @pytest.fixture(scope="session")

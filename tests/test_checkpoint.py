@@ -4,13 +4,13 @@ under torchrun's restart, and an elastic 2 -> 1 process resume."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import child_env, torchrun
 from torch.utils.data.distributed import DistributedSampler
 
 from lance_cookbook.checkpoint import list_checkpoints
@@ -27,17 +27,6 @@ def common(small, ckpt: Path, metrics: Path, epochs: int = 2) -> list[str]:
         "--image-size", "16", "--checkpoint-dir", str(ckpt), "--checkpoint-every", "2",
         "--metrics-out", str(metrics), "--print-freq", "0",
     ]  # fmt: skip
-
-
-def torchrun(nproc: int, *args: str, restarts: int = 0) -> list[str]:
-    return [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-        "--max-restarts", str(restarts), "-m", "lance_cookbook.train", *args,
-    ]  # fmt: skip
-
-
-def child_env(**extra: str) -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
 
 
 def same_results(a: dict, b: dict) -> None:

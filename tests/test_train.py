@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -13,24 +12,18 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import child_env, torchrun
 
 from lance_cookbook import ImageCollate, ShardSampler, build_model, make_loader, open_dataset
 from lance_cookbook.train import evaluate
 from lance_cookbook.train import main as train_main
 
 
-def child_env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
 def test_two_process_gloo_run_counts_every_val_sample_once(small, tmp_path):
     train, val = small
     metrics = tmp_path / "metrics.json"
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        "-m", "lance_cookbook.train", "--train", train, "--val", val, "--epochs", "2",
-        "--batch-size", "16", "--workers", "0", "--metrics-out", str(metrics),
-    ]  # fmt: skip
+    common = ["--batch-size", "16", "--workers", "0", "--metrics-out", str(metrics)]
+    cmd = torchrun(2, "--train", train, "--val", val, "--epochs", "2", *common)
     # 101 rows / 2 ranks / batch 16: the last batches are short; a hang would hit the timeout
     subprocess.run(cmd, check=True, env=child_env(), timeout=300)
     result = json.loads(metrics.read_text())
@@ -160,11 +153,8 @@ def test_ranks_read_one_version_while_a_writer_commits(small, tmp_path):
             time.sleep(0.02)
 
     metrics = tmp_path / "metrics.json"
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        "-m", "lance_cookbook.train", "--train", live, "--val", val, "--epochs", "1",
-        "--batch-size", "16", "--workers", "0", "--metrics-out", str(metrics),
-    ]  # fmt: skip
+    common = ["--batch-size", "16", "--workers", "0", "--metrics-out", str(metrics)]
+    cmd = torchrun(2, "--train", live, "--val", val, "--epochs", "1", *common)
     thread = threading.Thread(target=writer, daemon=True)
     thread.start()
     try:
