@@ -59,23 +59,39 @@ test: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(MAKE) --no-print-directory docs
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV)/bin/pytest tests
 
-## make bench: the full loader comparison of docs/benchmark.md (20,000 distinct 32x32 JPEGs, warm and cold page
-## cache, WebDataset, MosaicML Streaming and LitData); the peers live in .venv-peers, apart from .venv, because
-## mosaicml-streaming's dependencies break `datasets` (lance_cookbook/bench/requirements-peers.txt)
+## make bench: the full loader comparison of docs/benchmark.md and the README, warm and cold page cache, with
+## the peers (WebDataset, MosaicML Streaming, LitData): 20,000 distinct 32x32 JPEGs and 2,000 photos. The
+## `bench` extra lives in .venv-bench, apart from .venv: mosaicml-streaming requires transformers, which caps
+## huggingface_hub below 1.0, so pip picks an older `datasets` there (pyproject.toml). About 30 minutes on 2 cores.
 BENCH ?= $(BUILD)/bench
-PEERS := .venv-peers
-bench: $(VENV)/.installed
-	test -x $(PEERS)/bin/python || $(PYTHON) -m venv $(PEERS)
-	$(PEERS)/bin/pip install --quiet -r lance_cookbook/bench/requirements-peers.txt
-	$(PEERS)/bin/pip check
-	test -d $(BENCH)/img32 || $(PY) -m lance_cookbook.synthetic --output $(BENCH)/img32 --count 20000 \
+BENCH_VENV := .venv-bench
+BENCH_PY := OMP_NUM_THREADS=1 $(BENCH_VENV)/bin/python
+BENCH_ARGS := --batch-size 64 --workers 2 --epochs 4 --cache both
+BENCH_PEERS := imagefolder_pil,imagefolder_tv,hf_datasets,lance_tv_uint8,lance_tv_uint8_block,peers
+
+$(BENCH_VENV)/.installed: pyproject.toml
+	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install --quiet --upgrade pip
+	$(BENCH_VENV)/bin/pip install --quiet -e '.[dev,scale,bench]'
+	$(BENCH_VENV)/bin/pip check
+	touch $@
+
+bench: $(BENCH_VENV)/.installed
+	test -d $(BENCH)/img32 || $(BENCH_PY) -m lance_cookbook.synthetic --output $(BENCH)/img32 --count 20000 \
 		--size 32x32 --classes 10 --seed 0
-	test -d $(BENCH)/shuffled.lance || $(PY) -m data_prep.convert --source imagefolder:$(BENCH)/img32 \
-		--output $(BENCH)/shuffled.lance --shuffle 0 --no-progress
-	OMP_NUM_THREADS=1 PYTHONPATH=. $(PEERS)/bin/python -m lance_cookbook.bench --imagefolder $(BENCH)/img32 \
-		--lance $(BENCH)/shuffled.lance --image-size 32 --batch-size 64 --workers 2 --epochs 4 --cache both \
-		--loaders imagefolder_pil,imagefolder_tv,lance_tv_uint8,lance_tv_uint8_block,peers \
-		--work-dir $(BENCH)/work --json $(BENCH)/bench-32px-peers.json --plot $(BENCH)/bench-32px-peers.png
+	test -d $(BENCH)/img32.lance || $(BENCH_PY) -m data_prep.convert --source imagefolder:$(BENCH)/img32 \
+		--output $(BENCH)/img32.lance --shuffle 0 --no-progress
+	$(BENCH_PY) -m lance_cookbook.bench --imagefolder $(BENCH)/img32 --lance $(BENCH)/img32.lance \
+		--image-size 32 $(BENCH_ARGS) --loaders $(BENCH_PEERS) --work-dir $(BENCH)/work32 \
+		--json $(BENCH)/bench-32px.json --plot $(BENCH)/bench-32px.png
+	test -d $(BENCH)/photos || $(BENCH_PY) -m lance_cookbook.synthetic --output $(BENCH)/photos --count 2000 \
+		--size 500x375 --classes 10 --seed 0
+	test -d $(BENCH)/photos.lance || $(BENCH_PY) -m data_prep.convert --source imagefolder:$(BENCH)/photos \
+		--output $(BENCH)/photos.lance --shuffle 0 --no-progress
+	$(BENCH_PY) -m lance_cookbook.bench --imagefolder $(BENCH)/photos --lance $(BENCH)/photos.lance \
+		--image-size 224 $(BENCH_ARGS) --loaders bound_pil,bound_tv,lance_pil_float32,$(BENCH_PEERS) \
+		--work-dir $(BENCH)/work-photos --json $(BENCH)/bench-photos.json --plot $(BENCH)/bench-photos.png
+	@echo "figures: $(BENCH)/bench-32px.{json,png} $(BENCH)/bench-photos.{json,png}"
 
 ## make lab: JupyterLab on the notebooks
 lab: $(VENV)/.installed data

@@ -337,7 +337,7 @@ def test_peer_rows_and_loader_keys(tmp_path, capsys):
 
 
 def test_peers_quick_in_the_peer_environment(tmp_path):
-    # runs where lance_cookbook/bench/requirements-peers.txt is installed (.venv-peers), skipped elsewhere
+    # runs where the `bench` extra is installed (.venv-bench of `make bench`), skipped elsewhere
     for name in ("webdataset", "streaming", "litdata"):
         pytest.importorskip(name)
     env = dict(os.environ, OMP_NUM_THREADS="1")

@@ -28,9 +28,9 @@ Loaders (keys for ``--loaders``):
   lance_arrow        (i) (g) with the Arrow table handed to the collate: JPEG bytes decoded in place, no
                          Python bytes or dicts
 
-Peers (``--loaders peers`` or their keys; not in the default set: they need the peer environment of
-``lance_cookbook/bench/requirements-peers.txt``, see docs/benchmark.md), each written from the same images
-in a fresh process and read with (g)'s collate:
+Peers (``--loaders peers`` or their keys; not in the default set: they need the ``bench`` extra, installed
+in an environment of its own, ``.venv-bench`` of ``make bench``; see docs/benchmark.md), each written from
+the same images in a fresh process and read with (g)'s collate:
   webdataset         (k) WebDataset tar shards, shard shuffle + sample buffer, batched in the workers
   streaming          (l) MosaicML Streaming MDS shards, StreamingDataset(shuffle=True)
   litdata            (m) LitData optimize chunks, StreamingDataset(shuffle=True) + StreamingDataLoader

@@ -39,8 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Images/s of PyTorch loaders over the same images: image folder vs HF datasets vs Lance.",
         epilog="loaders: "
         + "; ".join(f"{k} = {v}" for k, v in LOADERS.items())
-        + ". Peers (not in 'all'; 'peers' names the three; they need lance_cookbook/bench/"
-        + "requirements-peers.txt, see docs/benchmark.md): "
+        + ". Peers (not in 'all'; 'peers' names the three; they need the 'bench' extra "
+        + "in an environment of its own, .venv-bench of 'make bench'; see docs/benchmark.md): "
         + "; ".join(f"{k} = {v}" for k, v in PEER_LOADERS.items()),
     )
     p.add_argument("--imagefolder", required=True, metavar="DIR", help="images as DIR/<class>/<image>")

@@ -5,10 +5,10 @@ format with its documented defaults, and is read with the same collate as the La
 (``ImageCollate(S, decoder="torchvision", dtype=torch.uint8)`` on rows ``{"image": bytes, "label": int}``),
 the same batch size and the same ``spawn`` workers, kept alive across epochs.
 
-The peer libraries are imported inside functions: the core environment (where Streaming's ``transformers``
-would break ``datasets``) imports this module without them; the peer run needs
-``lance_cookbook/bench/requirements-peers.txt`` (see docs/benchmark.md). Spawn workers unpickle the row
-functions below by module name, so they are module-level.
+The peer libraries are imported inside functions: the core environment imports this module without them.
+The peer run needs the ``bench`` extra, in an environment of its own (``make bench`` builds ``.venv-bench``:
+Streaming's ``transformers`` caps ``huggingface_hub`` below 1.0, which the newest ``datasets`` rejects; see
+docs/benchmark.md). Spawn workers unpickle the row functions below by module name, so they are module-level.
 
 Writing runs in a fresh process (``python <this file> write KIND FOLDER OUT SEED``), run as a script so the
 benchmark package (and Lance, which is not fork-safe) is not imported there: LitData's ``optimize`` starts
