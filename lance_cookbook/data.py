@@ -1,4 +1,5 @@
-"""Where the cookbook keeps its datasets: ``$LANCE_COOKBOOK_DATA`` or ``data/`` beside the notebooks."""
+"""Where the cookbook keeps its datasets: ``$LANCE_COOKBOOK_DATA``, else ``data/`` of the checkout or of the
+current directory."""
 
 from __future__ import annotations
 
@@ -9,9 +10,22 @@ __all__ = ["default_data_dir"]
 
 
 def default_data_dir() -> Path:
-    """``$LANCE_COOKBOOK_DATA``, else ``data/`` at the repository root (next to ``notebooks/``). The
-    embedded digits are converted there by the conversion package (``ensure_digits``)."""
+    """The folder the embedded digits are converted into (``data_prep.digits.ensure_digits``).
+
+    In order: ``$LANCE_COOKBOOK_DATA`` if set; ``data/`` at the root of the repository checkout this
+    package runs from (a clone, or an editable install: the root holds ``pyproject.toml`` and
+    ``notebooks/``), where ``make run`` writes it; otherwise, for a package installed from a wheel into
+    site-packages, ``data/`` in the current working directory, never a folder inside site-packages.
+
+    Returns
+    -------
+    pathlib.Path
+        Not necessarily existing yet; nothing is created here.
+    """
     env = os.environ.get("LANCE_COOKBOOK_DATA")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parent.parent / "data"
+    root = Path(__file__).resolve().parent.parent
+    if (root / "pyproject.toml").is_file() and (root / "notebooks").is_dir():
+        return root / "data"
+    return Path.cwd() / "data"
