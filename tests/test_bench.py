@@ -361,3 +361,23 @@ def test_peers_quick_in_the_peer_environment(tmp_path):
         assert len(res["worker_peak_rss_mib"]) == 1, key  # its spawn worker was found and measured
         assert report["peer_conversion"][key]["rows"] == 256, key
         assert report["storage"][f"{key}_bytes"] > 0, key
+
+
+def test_start_method_per_loader_and_later_loaders_first_batch(tmp_path):
+    # loaders started one after the other (not --quick): make_loader's are forkserver, the rest spawn, and the
+    # first batch of every forkserver loader after the first (which started the server) is reported
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    args = [a for a in _quick_args(tmp_path, 1, "--epochs", "2") if a != "--quick"]
+    args += ["--loaders", "imagefolder_tv,lance_tv_uint8,lance_tv_uint8_block"]
+    cmd = [sys.executable, "-m", "lance_cookbook.bench", *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "bench.json").read_text())
+    methods = {key: res["start_method"] for key, res in report["loaders"].items()}
+    assert methods == {
+        "imagefolder_tv": "spawn",
+        "lance_tv_uint8": "forkserver",
+        "lance_tv_uint8_block": "forkserver",
+    }
+    later = report["later_loader_first_batch_s"]
+    assert len(later) == 1 and later[0] == report["loaders"]["lance_tv_uint8_block"]["startup_s"] > 0

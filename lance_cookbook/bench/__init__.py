@@ -5,7 +5,8 @@
         [--generate N --generate-size WxH] [--cache warm|cold|both]
 
 Every loader reads the same images in the same shuffled order, with the same batch size, the same number
-of ``spawn`` workers (kept alive across epochs) and the same output size. The first epoch of each loader is
+of workers (kept alive across epochs; ``spawn``, or ``forkserver`` where ``make_loader`` starts them, its
+default) and the same output size. The first epoch of each loader is
 a warm-up (its time to the first batch is reported as start-up); the timed epochs of all loaders are
 interleaved, round after round, and the best round of each is kept, so a burst of load from elsewhere on
 the machine hurts every loader alike instead of one. The decode bounds are the decode + resize of one
@@ -34,6 +35,10 @@ the same images in a fresh process and read with (g)'s collate:
   webdataset         (k) WebDataset tar shards, shard shuffle + sample buffer, batched in the workers
   streaming          (l) MosaicML Streaming MDS shards, StreamingDataset(shuffle=True)
   litdata            (m) LitData optimize chunks, StreamingDataset(shuffle=True) + StreamingDataLoader
+
+Opt-in (not in the default set; name it in ``--loaders``):
+  lance_iterable     (n) Lance's iterable LanceDataset, default fragment sharding over the workers, (g)'s
+                         collate; reads in stored order (no shuffle)
 
 ``--breakdown`` also times each step of a worker of (g) on its own (CPU us per image), and every loader
 reports the CPU time per image its main process and its workers spent in the best timed epoch.

@@ -66,6 +66,8 @@ class Result:
     images_per_s: float = 0.0
     rounds: list[float] = field(default_factory=list)
     startup_s: float | None = None
+    # how its DataLoader starts workers: "spawn", "forkserver" (make_loader's default), None (no workers)
+    start_method: str | None = None
     warmup_s: float | None = None
     main_peak_rss_mib: float | None = None
     worker_peak_rss_mib: list[float] = field(default_factory=list)
@@ -110,6 +112,9 @@ class Candidate:
         self.key = key
         self.loader = loader
         self.result = Result(key, ALL_LOADERS[key], note=note)
+        context = getattr(loader, "multiprocessing_context", None)
+        if context is not None and getattr(loader, "num_workers", 0) > 0:
+            self.result.start_method = context.get_start_method()
         # the files this loader reads: what the cold regime evicts before each of its epochs
         self.paths = list(paths or [])
         self._it: Any = None

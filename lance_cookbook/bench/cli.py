@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..loader import default_workers
 from .cache import CAN_EVICT
-from .candidates import ALL_LOADERS, LOADERS
+from .candidates import ALL_LOADERS, LOADERS, OPT_IN_LOADERS
 from .peers import PEER_LOADERS
 from .report import format_table, plot
 from .runner import run
@@ -41,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
         + "; ".join(f"{k} = {v}" for k, v in LOADERS.items())
         + ". Peers (not in 'all'; 'peers' names the three; they need the 'bench' extra "
         + "in an environment of its own, .venv-bench of 'make bench'; see docs/benchmark.md): "
-        + "; ".join(f"{k} = {v}" for k, v in PEER_LOADERS.items()),
+        + "; ".join(f"{k} = {v}" for k, v in PEER_LOADERS.items())
+        + ". Opt-in (not in 'all'; name them in --loaders): "
+        + "; ".join(f"{k} = {v}" for k, v in OPT_IN_LOADERS.items()),
     )
     p.add_argument("--imagefolder", required=True, metavar="DIR", help="images as DIR/<class>/<image>")
     p.add_argument(
