@@ -104,17 +104,18 @@ def _blocks(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
         yield block
 
 
-def _address_answers(address: str, timeout_s: float) -> None:
+def _address_answers(address: str, timeout_s: float, named_by: str = "RAY_ADDRESS") -> None:
     """Raise :class:`ConversionError` unless something accepts a TCP connection at ``address`` within
-    ``timeout_s``: ``ray.init`` retries an address with no cluster for ten minutes and more (ray#22413)."""
+    ``timeout_s``: ``ray.init`` retries an address with no cluster for ten minutes and more (ray#22413).
+    ``named_by``: where the address came from, for the message."""
     host, _, port = address.split("://", 1)[-1].rpartition(":")
-    what = f"no Ray cluster answers at {address} (RAY_ADDRESS)"
+    what = f"no Ray cluster answers at {address} ({named_by})"
     todo = (
         "start one there (ray start --head --port=PORT), point RAY_ADDRESS at a running head, or unset "
         "RAY_ADDRESS to run on a local Ray"
     )
     if not host or not port.isdigit():
-        raise ConversionError(f"RAY_ADDRESS {address!r} is not HOST:PORT; {todo}")
+        raise ConversionError(f"{named_by} {address!r} is not HOST:PORT; {todo}")
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
     except TimeoutError:
@@ -123,13 +124,35 @@ def _address_answers(address: str, timeout_s: float) -> None:
         raise ConversionError(f"{what}: {e.strerror or e}; {todo}") from None
 
 
+def _auto_address() -> str | None:
+    """The address ``RAY_ADDRESS=auto`` means to Ray: the ``ray_current_cluster`` file that the last
+    ``ray start --head`` of this machine wrote in Ray's temp dir (``ray/`` under ``$RAY_TMPDIR``,
+    ``$TMPDIR`` or ``/tmp``; read with Ray's own ``ray._private.utils.read_ray_address``); ``None`` if
+    there is none, or if this Ray has no such function (Ray then decides)."""
+    try:
+        from ray._private.utils import read_ray_address
+    except ImportError:
+        return None
+    try:
+        return read_ray_address() or None
+    except OSError:
+        return None
+
+
 def connect(timeout_s: float) -> bool:
     """Make this process a Ray driver; return True when it was not one already (the caller shuts Ray down).
 
-    With ``RAY_ADDRESS`` set, join that cluster once its address answers within ``timeout_s``
-    (``RAY_ADDRESS=auto`` is left to Ray). Without it, start a local Ray: ``address="local"``, because
-    Ray's default would follow a ``ray_current_cluster`` file that a dead ``ray start --head`` left behind
-    and wait for that cluster indefinitely.
+    With ``RAY_ADDRESS`` set, join that cluster once its address answers within ``timeout_s``; with
+    ``RAY_ADDRESS=auto``, the same for the address of the ``ray_current_cluster`` file that the last
+    ``ray start --head`` left (with no such file Ray fails at once, "Could not find any running Ray
+    instance"). Without ``RAY_ADDRESS``, start a local Ray: ``address="local"``, because Ray's default would
+    follow a ``ray_current_cluster`` file that a dead ``ray start --head`` left behind and wait for that
+    cluster indefinitely.
+
+    Raises
+    ------
+    ConversionError
+        Nothing answers at the address within ``timeout_s``, or Ray cannot start or join (one line).
     """
     import ray
 
@@ -138,6 +161,8 @@ def connect(timeout_s: float) -> bool:
     address = os.environ.get("RAY_ADDRESS", "").strip()
     if address not in ("", "auto", "local"):
         _address_answers(address, timeout_s)
+    elif address == "auto" and (found := _auto_address()):
+        _address_answers(found, timeout_s, "RAY_ADDRESS=auto: Ray's ray_current_cluster file")
     try:
         with warnings.catch_warnings():
             # ray.init starts its services with fork+exec; lance's fork warning is for forked workers

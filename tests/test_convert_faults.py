@@ -192,3 +192,25 @@ def test_stale_cluster_file_does_not_stop_the_local_ray(ray_head, tmp_path):
     shutil.rmtree(temp, ignore_errors=True)
     assert done.returncode == 0, done.stderr
     assert lance.dataset(str(tmp_path / "o.lance")).count_rows() == 6
+
+
+def test_ray_address_auto_with_a_dead_head_fails_at_once_naming_it(tmp_path):
+    """RAY_ADDRESS=auto follows the ray_current_cluster file of the last `ray start --head`; when that head
+    is dead, the conversion names the address and the file within the connect timeout (Ray alone retries
+    for minutes) and writes nothing."""
+    pytest.importorskip("ray", reason="needs the scale extra: pip install -e '.[scale]'")
+    temp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
+    (temp / "ray").mkdir()
+    dead = dead_address()
+    (temp / "ray" / "ray_current_cluster").write_text(dead)
+    folder = make_imagefolder(tmp_path / "src", per_class=2)
+    args = ["--engine", "ray", "--source", f"imagefolder:{folder}", "--output", tmp_path / "o.lance"]
+    try:
+        done = run_convert(*args, env=child_env(RAY_ADDRESS="auto", RAY_TMPDIR=str(temp)), timeout=120)
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+    line = last_line(done)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    named = "(RAY_ADDRESS=auto: Ray's ray_current_cluster file)"
+    assert f"no Ray cluster answers at {dead} {named}" in line, line
+    assert not (tmp_path / "o.lance").exists()
