@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from .candidates import BOUNDS
@@ -54,9 +55,11 @@ def ratios_and_targets(report: dict[str, Any]) -> tuple[dict[str, float], list[d
     if cold.get("lance_tv_uint8_block") and small:  # issue 14: larger than memory, 32 px images
         wanted.append(("cold lance_tv_uint8_block/imagefolder_tv", 2.0))
         wanted += [(f"cold lance_tv_uint8_block/{peer}", 1.0) for peer in PEERS if cold.get(peer)]
+    # a target whose loaders did not both run (in that regime) has no value: it is left out, not shown n/a
     targets = [
-        {"ratio": name, "value": ratios.get(name), "target": goal, "met": (ratios.get(name) or 0) >= goal}
+        {"ratio": name, "value": ratios[name], "target": goal, "met": ratios[name] >= goal}
         for name, goal in wanted
+        if name in ratios
     ]
     conv = report.get("conversion")
     if small and conv:
@@ -67,49 +70,80 @@ def ratios_and_targets(report: dict[str, Any]) -> tuple[dict[str, float], list[d
     return ratios, targets
 
 
+def _workers(n: int) -> str:
+    return f"{n} spawn worker{'' if n == 1 else 's'}"
+
+
+def _fmt(value: float | None, spec: str) -> str | None:
+    """``value`` formatted, or ``None`` where nothing was measured (None, NaN)."""
+    return None if value is None or value != value else format(value, spec)
+
+
+def _ratio(value: float | None, base: float | None) -> float | None:
+    return value / base if value and base else None
+
+
+# A column of the table: header, width, the cell of one loader's result (None: not measured for that loader),
+# and the header to use instead when the column before it is left out (its header named the group)
+Column = tuple[str, int, Callable[[dict[str, Any]], str | None], str | None]
+
+
+def _columns(loaders: dict[str, dict[str, Any]]) -> list[Column]:
+    base = loaders.get("imagefolder_pil", {}).get("images_per_s")
+    bound = loaders.get("bound_tv", {}).get("images_per_s")
+    cold_base = loaders.get("imagefolder_pil", {}).get("cold_images_per_s")
+    return [
+        ("images/s", 9, lambda r: _fmt(r["images_per_s"] or None, ",.0f"), None),
+        ("x (b)", 6, lambda r: _fmt(_ratio(r["images_per_s"], base), ".2f"), None),
+        ("x tv bnd", 8, lambda r: _fmt(_ratio(r["images_per_s"], bound), ".2f"), None),
+        ("start s", 7, lambda r: None if r["key"] in BOUNDS else _fmt(r.get("startup_s"), ".2f"), None),
+        ("main MiB", 8, lambda r: _fmt(r.get("main_peak_rss_mib") or None, ".0f"), None),
+        ("wrk MiB", 7, lambda r: _fmt(max(r.get("worker_peak_rss_mib") or [None]), ".0f"), None),
+        ("CPU us/img main", 15, lambda r: _fmt(r.get("main_cpu_us"), ",.0f"), None),
+        ("wrk", 5, lambda r: _fmt(r.get("worker_cpu_us"), ",.0f"), "CPU us/img wrk"),
+        ("mix", 4, lambda r: _fmt(r.get("batch_label_entropy_vs_random"), ".2f"), None),
+        # --cache cold|both: each loader's files evicted before each of these epochs
+        ("cold img/s", 10, lambda r: _fmt(r.get("cold_images_per_s"), ",.0f"), None),
+        ("x (b)", 6, lambda r: _fmt(_ratio(r.get("cold_images_per_s"), cold_base), ".2f"), None),
+        ("CPU main", 8, lambda r: _fmt(r.get("cold_main_cpu_us"), ",.0f"), None),
+        ("wrk", 5, lambda r: _fmt(r.get("cold_worker_cpu_us"), ",.0f"), "cold CPU wrk"),
+    ]
+
+
 def format_table(report: dict[str, Any]) -> str:
-    """The report as the table ``python -m lance_cookbook.bench`` prints."""
+    """The report as the table ``python -m lance_cookbook.bench`` prints: only what the run measured (a
+    column no loader has a figure for, a target whose loaders did not run, are left out; ``-`` marks a
+    figure that does not apply to one loader, such as a decode bound's start-up)."""
     cfg, stats = report["config"], report["imagefolder"]
     sizes = ", ".join(f"{w}x{h}" for w, h in stats["sample_sizes"][:3])
-    width = max([48, *(len(r["label"]) for r in report.get("loaders", {}).values())])
+    loaders = report.get("loaders", {})
+    results = list(loaders.values())
+    width = max([48, *(len(r["label"]) for r in results)])
+    title = f"{stats['images']:,} JPEGs ({sizes}; {stats['mean_image_bytes'] / 1024:,.1f} KiB each)"
+    if not results:  # --loaders none: conversion and storage only
+        return "\n".join([title, *_footer(report)])
     lines = [
-        f"{stats['images']:,} JPEGs ({sizes}; {stats['mean_image_bytes'] / 1024:,.1f} KiB each) -> "
-        f"{cfg['image_size']}x{cfg['image_size']}, batch {cfg['batch_size']}, "
-        f"{cfg['workers']} spawn workers, best of {cfg['timed_rounds']} timed epoch(s) after a warm-up"
+        f"{title} -> {cfg['image_size']}x{cfg['image_size']}, batch {cfg['batch_size']}, "
+        f"{_workers(cfg['workers'])}, best of {cfg['timed_rounds']} timed epoch(s) after a warm-up"
         f"{_cache_note(cfg.get('cache', 'warm'))}",
         "",
     ]
-    loaders = report.get("loaders", {})
-    base = loaders.get("imagefolder_pil", {}).get("images_per_s")
-    bound = loaders.get("bound_tv", {}).get("images_per_s")
-    head = f"{'loader':{width}s} {'images/s':>9s} {'x (b)':>6s} {'x tv bnd':>8s} {'start s':>7s} "
-    head += f"{'main MiB':>8s} {'wrk MiB':>7s} {'CPU us/img main':>15s} {'wrk':>5s} {'mix':>4s}"
-    cold_base = loaders.get("imagefolder_pil", {}).get("cold_images_per_s")
-    has_cold = any(res.get("cold_images_per_s") for res in loaders.values())
-    if has_cold:  # --cache cold|both: each loader's files evicted before each timed epoch
-        head += f" {'cold img/s':>10s} {'x (b)':>6s} {'CPU main':>8s} {'wrk':>5s}"
-    lines += [head, "-" * len(head)]
-    for res in loaders.values():
-        rate = res["images_per_s"]
-        workers = res["worker_peak_rss_mib"]
-        cold_rate = res.get("cold_images_per_s")
-        cold_cols = ""
-        if has_cold:
-            cold_cols = (
-                f" {_num(cold_rate):>10s} "
-                f"{cold_rate / cold_base if cold_rate and cold_base else float('nan'):6.2f} "
-                f"{_num(res.get('cold_main_cpu_us')):>8s} {_num(res.get('cold_worker_cpu_us')):>5s}"
-            )
-        lines.append(
-            f"{res['label']:{width}s} {rate:9,.0f} "
-            f"{rate / base if base else float('nan'):6.2f} {rate / bound if bound else float('nan'):8.2f} "
-            f"{res['startup_s'] if res['key'] not in BOUNDS else float('nan'):7.2f} "
-            f"{res['main_peak_rss_mib'] or float('nan'):8.0f} "
-            f"{max(workers) if workers else float('nan'):7.0f} "
-            f"{_num(res.get('main_cpu_us')):>15s} {_num(res.get('worker_cpu_us')):>5s} "
-            f"{_mix(res.get('batch_label_entropy_vs_random')):>4s}{cold_cols}"
-        )
-    if "random_batch_label_entropy" in report:
+    heads, cells, dropped = [f"{'loader':{width}s}"], [[f"{r['label']:{width}s}"] for r in results], False
+    for head, col_width, cell, alone in _columns(loaders):
+        column = [cell(r) for r in results]
+        if all(c is None for c in column):
+            dropped = True
+            continue
+        head = alone if dropped and alone else head
+        col_width = max(col_width, len(head))
+        heads.append(f"{head:>{col_width}s}")
+        for row, c in zip(cells, column, strict=True):
+            row.append(f"{'-' if c is None else c:>{col_width}s}")
+        dropped = False
+    mix_shown = any(h.strip() == "mix" for h in heads)
+    head = " ".join(heads)
+    lines += [head, "-" * len(head), *(" ".join(row) for row in cells)]
+    if mix_shown and "random_batch_label_entropy" in report:
         lines += [
             "",
             "mix: mean label entropy of a batch as a fraction of uniformly random batches' "
@@ -118,8 +152,13 @@ def format_table(report: dict[str, Any]) -> str:
     if report.get("breakdown"):
         lines += ["", "where a worker's time goes (--breakdown; CPU us per image, one torch thread):"]
         lines += [f"  {step['step']:44s} {step['cpu_us_per_image']:8.1f}" for step in report["breakdown"]]
+    return "\n".join(lines + _footer(report))
+
+
+def _footer(report: dict[str, Any]) -> list[str]:
+    """The lines after the loaders: conversion, writers, storage, targets."""
     conv = report.get("conversion")
-    lines.append("")
+    lines = [""]
     if conv:
         lines.append(
             f"conversion (imagefolder -> Lance, fresh process): {conv['rows']:,} images in "
@@ -156,9 +195,11 @@ def format_table(report: dict[str, Any]) -> str:
     lines.append(disk)
     for t in report.get("targets", []):
         value = t["value"]
-        shown = "n/a" if value is None else (f"{value:,.0f}" if value > 100 else f"{value:.2f}x")
+        if value is None:  # written by an older version: a target whose loaders did not run
+            continue
+        shown = f"{value:,.0f}" if value > 100 else f"{value:.2f}x"
         lines.append(f"target {t['ratio']} >= {t['target']:g}: {shown} {'met' if t['met'] else 'NOT met'}")
-    return "\n".join(lines)
+    return lines
 
 
 def _cache_note(cache: str) -> str:
@@ -169,12 +210,14 @@ def _cache_note(cache: str) -> str:
     }[cache]
 
 
-def _mix(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.2f}"
-
-
-def _num(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:,.0f}"
+def _plot_series(loaders: list[dict[str, Any]]) -> list[tuple[str, list[float], float]]:
+    """(regime, images/s of each loader, bar alpha) for each regime some loader was measured in: warm,
+    then cold (pale); 0.0 where one loader was not."""
+    series = [
+        ("warm", [r["images_per_s"] or 0.0 for r in loaders], 1.0),
+        ("cold", [r.get("cold_images_per_s") or 0.0 for r in loaders], 0.45),
+    ]
+    return [s for s in series if any(s[1])] or series[:1]
 
 
 def plot(report: dict[str, Any], path: str) -> None:
@@ -185,7 +228,8 @@ def plot(report: dict[str, Any], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    loaders = list(report["loaders"].values())[::-1]
+    # a loader with no figure in any regime has no bar to show
+    loaders = [r for r in report["loaders"].values() if r["images_per_s"] or r.get("cold_images_per_s")][::-1]
     colors = {"bound": "#9e9e9e", "imagefolder": "#ef8a17", "hf": "#d1495b", "lance": "#00798c"}
     peer = "#6a4c93"
     names = [r["label"] for r in loaders]
@@ -195,11 +239,7 @@ def plot(report: dict[str, Any], path: str) -> None:
         else (peer if r["key"] in PEERS else colors.get(r["key"].split("_")[0], peer))
         for r in loaders
     ]
-    series = [("warm", [r["images_per_s"] for r in loaders], 1.0)]
-    if any(r.get("cold_images_per_s") for r in loaders):
-        series.append(("cold", [r.get("cold_images_per_s") or 0.0 for r in loaders], 0.45))
-        if not any(series[0][1]):  # --cache cold: no warm figures to show
-            series = series[1:]
+    series = _plot_series(loaders)
     height = 0.8 / len(series)
     fig, ax = plt.subplots(figsize=(9, 0.45 * len(loaders) * len(series) ** 0.5 + 1.5))
     top = 1.0
@@ -208,18 +248,21 @@ def plot(report: dict[str, Any], path: str) -> None:
         ys = [y + offset for y in range(len(loaders))]
         bars = ax.barh(ys, rates, height=height, color=bar_colors, alpha=alpha, label=regime)
         for bar, rate in zip(bars, rates, strict=True):
+            if not rate:  # not measured in this regime: no bar, no "0"
+                continue
             label = f" {rate:,.0f}" + (f" {regime}" if len(series) > 1 else "")
             y = bar.get_y() + bar.get_height() / 2
             ax.text(bar.get_width(), y, label, va="center", fontsize=7)
-        top = max(top, *rates)
+        top = max([top, *rates])
     ax.set_yticks(range(len(loaders)), names)
     cfg = report["config"]
     ax.set_xlabel("images/s (best timed epoch)" + ("; pale bars: cold page cache" if len(series) > 1 else ""))
+    shown = tuple(regime for regime, _, _ in series)  # the regimes measured, whatever --cache said
     ax.set_title(
         f"{report['imagefolder']['images']:,} images -> {cfg['image_size']} px, batch {cfg['batch_size']}, "
-        f"{cfg['workers']} spawn workers"
-        + {"warm": "", "cold": "\ncold page cache", "both": "\nwarm and cold page cache"}[
-            cfg.get("cache", "warm")
+        f"{_workers(cfg['workers'])}"
+        + {("warm",): "", ("cold",): "\ncold page cache", ("warm", "cold"): "\nwarm and cold page cache"}[
+            shown
         ],
         fontsize=10,
     )
