@@ -296,11 +296,14 @@ def test_bench_cold_and_warm_side_by_side(tmp_path, capsys, monkeypatch):
     report = json.loads((tmp_path / "bench.json").read_text())
     assert report["config"]["cache"] == "both"
     for key, res in report["loaders"].items():
+        if key == "bound_tv":  # decodes bytes held in memory: no cold figure, two warm epochs instead
+            assert len(res["rounds"]) == 2 and not res["cold_rounds"] and res["cold_images_per_s"] is None
+            continue
         assert len(res["rounds"]) == 1 and len(res["cold_rounds"]) == 1, key
         assert res["images_per_s"] > 0 and res["cold_images_per_s"] > 0, key
-    # one eviction per cold epoch, of that loader's own files (the bound decodes bytes in memory)
+    # one eviction per cold epoch, of that loader's own files
     folder, uri = str(tmp_path / "img"), report["lance_uri"]
-    assert sorted(evicted) == sorted([[folder], [uri], []])
+    assert sorted(evicted) == sorted([[folder], [uri]])
     assert "cold img/s" in out and "warm and cold page cache" in out
     assert "cold lance_tv_uint8_block/imagefolder_tv" in report["ratios"]
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -51,6 +51,10 @@ def test_bench_quick_iterable_beside_g(tmp_path, capsys):
     assert res["batch_label_entropy_vs_random"] is not None  # the labels reached the benchmark
     assert "1 fragment(s), 2 worker(s)" in res["note"]  # the conversion writes one fragment here
     assert "(n) Lance iterable LanceDataset" in out
+    # shuffle quality: the iterable reads the same batches every epoch, (g) new ones (EpochPermutations)
+    assert res["repeated_batches"] == 1.0
+    assert report["loaders"]["lance_tv_uint8"]["repeated_batches"] == 0.0
+    assert "same: fraction of an epoch's batches" in out
 
 
 @pytest.mark.parametrize("rows_per_file", [ROWS, 50])  # 1 fragment (one worker idle), 3 (split 2 + 1)

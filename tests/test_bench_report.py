@@ -255,3 +255,30 @@ def test_no_loaders_prints_conversion_and_storage_only():
     assert "loader" not in table and "spawn" not in table and "---" not in table
     assert table.splitlines()[0] == "1,000 JPEGs (32x32; 1.1 KiB each)"
     assert "conversion (imagefolder -> Lance" in table and _targets(table) == ["conversion images/s"]
+
+
+def test_a_peer_that_shuffles_worse_gets_no_cold_target():
+    # "the block sampler >= every peer at equal or better shuffle quality": a peer whose batches repeat
+    # every epoch (Lance's iterable, litdata here) is shown but not a target; one that reshuffles is
+    rates = {"imagefolder_pil": 100.0, "imagefolder_tv": 200.0, "lance_tv_uint8_block": 400.0}
+    report = _report(rates, cache="both")
+    block = report["loaders"]["lance_tv_uint8_block"]
+    block["repeated_batches"] = 0.0
+    for peer, repeated in (("webdataset", 0.0), ("litdata", 1.0)):
+        res = Result(peer, peer, images_per_s=300.0, cold_images_per_s=500.0, repeated_batches=repeated)
+        res.batch_label_entropy_vs_random = 1.0
+        report["loaders"][peer] = asdict(res)
+    _, targets = rep.ratios_and_targets(report)
+    names = {t["ratio"]: t for t in targets}
+    assert "cold lance_tv_uint8_block/webdataset" in names  # reshuffles as well: a target (and not met)
+    assert not names["cold lance_tv_uint8_block/webdataset"]["met"]
+    assert "cold lance_tv_uint8_block/litdata" not in names  # same batches every epoch: no target
+    report["loaders"]["webdataset"]["batch_label_entropy_vs_random"] = 0.5  # mixes classes worse
+    assert "cold lance_tv_uint8_block/webdataset" not in {
+        t["ratio"] for t in rep.ratios_and_targets(report)[1]
+    }
+
+
+def test_a_ratio_just_under_its_target_does_not_print_as_the_target():
+    report = _report({"imagefolder_pil": 1000.0, "lance_tv_uint8": 3998.0})
+    assert "target lance_tv_uint8/imagefolder_pil >= 4: 3.99x NOT met" in rep.format_table(report)

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from lance.torch.data import SafeLanceDataset
 from PIL import Image
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 from torchvision.datasets import ImageFolder
 
 from ..block_sampler import BlockShuffleSampler, mean_batch_entropy
@@ -87,6 +87,10 @@ class Result:
     # is not a global one; 1.0 mixes classes as well as a full shuffle)
     batch_label_entropy: float | None = None
     batch_label_entropy_vs_random: float | None = None
+    # and whether the order changes between epochs: the fraction of the batches of the last timed epoch
+    # whose exact label sequence was also a batch of the epoch before (1.0: the same batches every epoch,
+    # however they are ordered; about 0 for any order that reshuffles rows into new batches)
+    repeated_batches: float | None = None
     note: str = ""
 
 
@@ -101,6 +105,25 @@ def batch_entropy(batches: list[list[int]]) -> float | None:
     full = max(map(len, batches), default=0)
     values = [mean_batch_entropy(b, range(full), full) for b in batches if full and len(b) == full]
     return sum(values) / len(values) if values else None
+
+
+class EpochPermutations(Sampler[int]):
+    """A new random permutation of ``range(n)`` on every pass, as a training run's ``DistributedSampler``
+    with ``set_epoch`` gives: pass ``k`` is ``torch.randperm(n)`` seeded with ``seed + k``, so the k-th
+    epoch of every loader built with the same ``seed`` reads the same order (the comparison stays fair)
+    while no loader reads the same batches twice in a row. Lives in the main process (the DataLoader
+    iterates it there), so the pass counter is this loader's own."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.passes = n, seed, 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.passes)
+        self.passes += 1
+        return iter(torch.randperm(self.n, generator=generator).tolist())
 
 
 class Candidate:
@@ -119,11 +142,20 @@ class Candidate:
         self.paths = list(paths or [])
         self._it: Any = None
         self._t0 = 0.0
+        self._previous_batches: set[tuple[int, ...]] = set()
+        self._epoch = 0  # passed to the sampler's set_epoch before each pass, as a training loop does
+
+    def _next_epoch(self) -> None:
+        set_epoch = getattr(getattr(self.loader, "sampler", None), "set_epoch", None)
+        if callable(set_epoch):
+            set_epoch(self._epoch)
+        self._epoch += 1
         self._worker_peaks: dict[int, int] = {}
 
     def start(self) -> None:
         """Start the workers and wait for the first batch (the start-up time)."""
         self._t0 = time.perf_counter()
+        self._next_epoch()
         self._it = iter(self.loader)
         next(self._it)
         self.result.startup_s = time.perf_counter() - self._t0
@@ -136,11 +168,17 @@ class Candidate:
 
     def _pass(self) -> tuple[int, float]:
         batches = []
+        self._next_epoch()
         start = time.perf_counter()
         for batch in self.loader:
             batches.append(_labels(batch))
         seconds = time.perf_counter() - start
         self.result.batch_label_entropy = batch_entropy(batches)
+        these = [tuple(b) for b in batches]
+        if self._previous_batches and these:
+            repeated = sum(b in self._previous_batches for b in these)
+            self.result.repeated_batches = repeated / len(these)
+        self._previous_batches = set(these)
         return sum(map(len, batches)), seconds
 
     def epoch(self, cold: bool = False) -> tuple[int, float]:
@@ -259,8 +297,11 @@ def build_candidate(
     seed: int = 0,
     peer_dirs: dict[str, str] | None = None,
 ) -> Candidate:
-    """The loader ``key`` of :data:`LOADERS` over ``folder`` / ``uri`` / ``hf``, reading ``order``."""
-    common: dict[str, Any] = dict(batch_size=batch_size, sampler=order, num_workers=workers, pin_memory=False)
+    """The loader ``key`` of :data:`LOADERS` over ``folder`` / ``uri`` / ``hf``, reading ``order`` in its
+    first pass and a new permutation in each later one (:class:`EpochPermutations`; the block sampler and
+    the peers shuffle in their own way)."""
+    perms = EpochPermutations(len(order), seed)  # pass 0 is torch.randperm seeded with `seed`: `order`
+    common: dict[str, Any] = dict(batch_size=batch_size, sampler=perms, num_workers=workers, pin_memory=False)
     if workers > 0:
         common.update(multiprocessing_context="spawn", persistent_workers=True)
     tv_uint8 = ImageCollate(size, decoder="torchvision", dtype=torch.uint8)
@@ -284,7 +325,7 @@ def build_candidate(
     if key == "lance_rows":
         dataset = RowByRowDataset(SafeLanceDataset(uri))
         return Candidate(key, DataLoader(dataset, collate_fn=tv_uint8, **common), "uint8", [uri])
-    make = dict(batch_size=batch_size, sampler=order, num_workers=workers, pin_memory=False)
+    make = dict(batch_size=batch_size, sampler=perms, num_workers=workers, pin_memory=False)
     if key == "lance_pil_float32":
         return Candidate(key, make_loader(uri, collate_fn=ImageCollate(size), **make), "float32", [uri])
     if key == "lance_tv_uint8":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -20,8 +21,21 @@ NUMERATORS = (
     "imagefolder_tv",
 )
 DENOMINATORS = ("imagefolder_pil", "imagefolder_tv", "bound_tv", "bound_pil", "hf_datasets")
-# the formats users pick instead of Lance (lance_cookbook.bench.peers, run in the peer environment)
-PEERS = ("webdataset", "streaming", "litdata")
+# the formats users pick instead of Lance (lance_cookbook.bench.peers, run in the peer environment), and
+# Lance's own iterable LanceDataset (opt-in)
+PEERS = ("webdataset", "streaming", "litdata", "lance_iterable")
+# "equal or better shuffle quality" (issue 14), within what one run's batches vary by
+SHUFFLE_TOLERANCE = 0.05
+
+
+def _shuffles_as_well(peer: dict[str, Any], ours: dict[str, Any]) -> bool:
+    """Whether ``peer`` mixes labels into batches at least as well as ``ours`` and repeats no more of its
+    batches from one epoch to the next (a figure missing on either side is not held against the peer)."""
+    mix_p, mix_o = peer.get("batch_label_entropy_vs_random"), ours.get("batch_label_entropy_vs_random")
+    rep_p, rep_o = peer.get("repeated_batches"), ours.get("repeated_batches")
+    mixes = mix_p is None or mix_o is None or mix_p >= mix_o - SHUFFLE_TOLERANCE
+    reorders = rep_p is None or rep_o is None or rep_p <= rep_o + SHUFFLE_TOLERANCE
+    return mixes and reorders
 
 
 def _ratios(rate: dict[str, float], prefix: str = "") -> dict[str, float]:
@@ -54,7 +68,13 @@ def ratios_and_targets(report: dict[str, Any]) -> tuple[dict[str, float], list[d
         )
     if cold.get("lance_tv_uint8_block") and small:  # issue 14: larger than memory, 32 px images
         wanted.append(("cold lance_tv_uint8_block/imagefolder_tv", 2.0))
-        wanted += [(f"cold lance_tv_uint8_block/{peer}", 1.0) for peer in PEERS if cold.get(peer)]
+        # against every peer that shuffles as well as the block sampler (equal or better shuffle quality)
+        block = loaders["lance_tv_uint8_block"]
+        wanted += [
+            (f"cold lance_tv_uint8_block/{peer}", 1.0)
+            for peer in PEERS
+            if cold.get(peer) and _shuffles_as_well(loaders[peer], block)
+        ]
     # a target whose loaders did not both run (in that regime) has no value: it is left out, not shown n/a
     targets = [
         {"ratio": name, "value": ratios[name], "target": goal, "met": ratios[name] >= goal}
@@ -71,7 +91,7 @@ def ratios_and_targets(report: dict[str, Any]) -> tuple[dict[str, float], list[d
 
 
 def _workers(n: int) -> str:
-    return f"{n} spawn worker{'' if n == 1 else 's'}"
+    return f"{n} worker{'' if n == 1 else 's'}"
 
 
 def _fmt(value: float | None, spec: str) -> str | None:
@@ -102,6 +122,7 @@ def _columns(loaders: dict[str, dict[str, Any]]) -> list[Column]:
         ("CPU us/img main", 15, lambda r: _fmt(r.get("main_cpu_us"), ",.0f"), None),
         ("wrk", 5, lambda r: _fmt(r.get("worker_cpu_us"), ",.0f"), "CPU us/img wrk"),
         ("mix", 4, lambda r: _fmt(r.get("batch_label_entropy_vs_random"), ".2f"), None),
+        ("same", 4, lambda r: _fmt(r.get("repeated_batches"), ".2f"), None),
         # --cache cold|both: each loader's files evicted before each of these epochs
         ("cold img/s", 10, lambda r: _fmt(r.get("cold_images_per_s"), ",.0f"), None),
         ("x (b)", 6, lambda r: _fmt(_ratio(r.get("cold_images_per_s"), cold_base), ".2f"), None),
@@ -141,6 +162,7 @@ def format_table(report: dict[str, Any]) -> str:
             row.append(f"{'-' if c is None else c:>{col_width}s}")
         dropped = False
     mix_shown = any(h.strip() == "mix" for h in heads)
+    same_shown = any(h.strip() == "same" for h in heads)
     head = " ".join(heads)
     lines += [head, "-" * len(head), *(" ".join(row) for row in cells)]
     if mix_shown and "random_batch_label_entropy" in report:
@@ -149,6 +171,12 @@ def format_table(report: dict[str, Any]) -> str:
             "mix: mean label entropy of a batch as a fraction of uniformly random batches' "
             f"{report['random_batch_label_entropy']:.2f} bits (1.00: classes mixed as by a full shuffle)",
         ]
+    if same_shown:
+        lines += [""] if not mix_shown else []
+        lines.append(
+            "same: fraction of an epoch's batches that were also batches of the epoch before (1.00: the "
+            "same batches every epoch; 0.00: rows reshuffled into new batches)"
+        )
     if report.get("breakdown"):
         lines += ["", "where a worker's time goes (--breakdown; CPU us per image, one torch thread):"]
         lines += [f"  {step['step']:44s} {step['cpu_us_per_image']:8.1f}" for step in report["breakdown"]]
@@ -197,7 +225,8 @@ def _footer(report: dict[str, Any]) -> list[str]:
         value = t["value"]
         if value is None:  # written by an older version: a target whose loaders did not run
             continue
-        shown = f"{value:,.0f}" if value > 100 else f"{value:.2f}x"
+        # rounded down: a ratio of 3.998 must not print as 4.00x beside "NOT met"
+        shown = f"{value:,.0f}" if value > 100 else f"{math.floor(value * 100) / 100:.2f}x"
         lines.append(f"target {t['ratio']} >= {t['target']:g}: {shown} {'met' if t['met'] else 'NOT met'}")
     return lines
 

@@ -20,7 +20,7 @@ from ..block_sampler import mean_batch_entropy
 from ..disk_usage import dir_bytes
 from .baselines import load_hf
 from .breakdown import breakdown
-from .candidates import ALL_LOADERS, BOUNDS, Candidate, build_candidate
+from .candidates import ALL_LOADERS, BOUNDS, Candidate, DecodeBound, build_candidate
 from .conversion import convert_in_child
 from .measure import MiB, rss_bytes
 from .peers import PEER_LOADERS, write_in_child
@@ -147,7 +147,8 @@ def _timed_rounds(candidates: list[Candidate], rounds: int, progress: bool, cach
         shift = r % max(1, len(candidates))
         for cand in candidates[shift:] + candidates[:shift]:  # rotate: no loader always goes first
             for cold in regimes:
-                cand.epoch(cold=cold)
+                # a decode bound reads bytes held in memory: its "cold" epoch would be a second warm one
+                cand.epoch(cold=cold and not isinstance(cand, DecodeBound))
                 bar.update(1)
     bar.close()
     for cand in candidates:
