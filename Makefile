@@ -63,7 +63,9 @@ test: $(VENV)/.installed
 ## the peers (WebDataset, MosaicML Streaming, LitData): 20,000 distinct 32x32 JPEGs and 2,000 photos. The
 ## `bench` extra lives in .venv-bench, apart from .venv: mosaicml-streaming requires transformers, which caps
 ## huggingface_hub below 1.0, so pip picks an older `datasets` there (pyproject.toml). About 30 minutes on 2 cores.
-# 20 fragments each: Lance's iterable LanceDataset (lance_iterable) splits whole fragments between workers
+# 2 fragments each, one per worker: Lance's iterable LanceDataset (lance_iterable) hands whole fragments to
+# workers (1 fragment leaves a worker idle), and random takes cost more the more fragments they span (20
+# fragments of 1,000 rows halved the random-order loader's rate, docs/benchmark.md)
 BENCH ?= $(BUILD)/bench
 BENCH_VENV := .venv-bench
 BENCH_PY := OMP_NUM_THREADS=1 $(BENCH_VENV)/bin/python
@@ -81,14 +83,14 @@ bench: $(BENCH_VENV)/.installed
 	test -d $(BENCH)/img32 || $(BENCH_PY) -m lance_cookbook.synthetic --output $(BENCH)/img32 --count 20000 \
 		--size 32x32 --classes 10 --seed 0
 	test -d $(BENCH)/img32.lance || $(BENCH_PY) -m data_prep.convert --source imagefolder:$(BENCH)/img32 \
-		--output $(BENCH)/img32.lance --shuffle 0 --rows-per-file 1000 --no-progress
+		--output $(BENCH)/img32.lance --shuffle 0 --rows-per-file 10000 --no-progress
 	$(BENCH_PY) -m lance_cookbook.bench --imagefolder $(BENCH)/img32 --lance $(BENCH)/img32.lance \
 		--image-size 32 $(BENCH_ARGS) --loaders $(BENCH_PEERS) --work-dir $(BENCH)/work32 \
 		--json $(BENCH)/bench-32px.json --plot $(BENCH)/bench-32px.png
 	test -d $(BENCH)/photos || $(BENCH_PY) -m lance_cookbook.synthetic --output $(BENCH)/photos --count 2000 \
 		--size 500x375 --classes 10 --seed 0
 	test -d $(BENCH)/photos.lance || $(BENCH_PY) -m data_prep.convert --source imagefolder:$(BENCH)/photos \
-		--output $(BENCH)/photos.lance --shuffle 0 --rows-per-file 100 --no-progress
+		--output $(BENCH)/photos.lance --shuffle 0 --rows-per-file 1000 --no-progress
 	$(BENCH_PY) -m lance_cookbook.bench --imagefolder $(BENCH)/photos --lance $(BENCH)/photos.lance \
 		--image-size 224 $(BENCH_ARGS) --loaders bound_pil,bound_tv,lance_pil_float32,$(BENCH_PEERS) \
 		--work-dir $(BENCH)/work-photos --json $(BENCH)/bench-photos.json --plot $(BENCH)/bench-photos.png
