@@ -282,3 +282,13 @@ def test_a_peer_that_shuffles_worse_gets_no_cold_target():
 def test_a_ratio_just_under_its_target_does_not_print_as_the_target():
     report = _report({"imagefolder_pil": 1000.0, "lance_tv_uint8": 3998.0})
     assert "target lance_tv_uint8/imagefolder_pil >= 4: 3.99x NOT met" in rep.format_table(report)
+
+
+def test_later_loaders_first_batch_is_printed_when_measured():
+    report = _report({"imagefolder_pil": 100.0, "lance_tv_uint8": 300.0})
+    assert "forkserver loader after the first" not in rep.format_table(report)
+    report["later_loader_first_batch_s"] = {"lance_tv_uint8_block": 0.84}
+    line = (
+        "first batch of each forkserver loader after the first (target <= 1 s): lance_tv_uint8_block 0.84 s"
+    )
+    assert line in rep.format_table(report)

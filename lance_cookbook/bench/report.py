@@ -221,6 +221,10 @@ def _footer(report: dict[str, Any]) -> list[str]:
     if "hf_cache_bytes" in st:
         disk += f", HF cache {st['hf_cache_bytes'] / MiB:,.2f} MiB (+ the image folder it points to)"
     lines.append(disk)
+    later = report.get("later_loader_first_batch_s")
+    if isinstance(later, dict) and later:  # a list in reports of the first version: not shown
+        shown = ", ".join(f"{key} {seconds:.2f} s" for key, seconds in later.items())
+        lines.append(f"first batch of each forkserver loader after the first (target <= 1 s): {shown}")
     for t in report.get("targets", []):
         value = t["value"]
         if value is None:  # written by an older version: a target whose loaders did not run

@@ -123,14 +123,14 @@ def _warm_up(candidates: list[Candidate], *, concurrent: bool) -> None:
         cand.finish_warmup()
 
 
-def _later_first_batches(candidates: list[Candidate], *, concurrent: bool) -> list[float] | None:
+def _later_first_batches(candidates: list[Candidate], *, concurrent: bool) -> dict[str, float] | None:
     """Seconds to the first batch of every forkserver loader started after the first one (which also
-    started the fork server), in start order; ``None`` when loaders were started at once (``--quick``) or
-    fewer than two use forkserver. The issue-14 target is <= 1 s for a second loader."""
-    started = [c.result.startup_s for c in candidates if c.result.start_method == "forkserver"]
+    started the fork server), by loader key in start order; ``None`` when loaders were started at once
+    (``--quick``) or fewer than two use forkserver. The issue-14 target is <= 1 s for a second loader."""
+    started = [c for c in candidates if c.result.start_method == "forkserver"]
     if concurrent or len(started) < 2:
         return None
-    return [s for s in started[1:] if s is not None]
+    return {c.key: c.result.startup_s for c in started[1:] if c.result.startup_s is not None}
 
 
 def _timed_rounds(candidates: list[Candidate], rounds: int, progress: bool, cache: str = "warm") -> None:
