@@ -10,8 +10,9 @@ from __future__ import annotations
 import logging
 import re
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 __all__ = ["s3_storage_options", "local_s3", "store_error_reason"]
 
@@ -109,13 +110,16 @@ def local_s3(
     key: str = DUMMY_KEY,
     secret: str = DUMMY_SECRET,
     region: str = "us-east-1",
+    wsgi_middleware: Callable[[Any], Any] | None = None,
 ) -> Iterator[dict[str, str]]:
     """Run moto's S3 server on ``127.0.0.1`` (a free port) with ``bucket`` created; yield its storage options.
 
     For tests and notebooks: the server lives in a thread of this process and forgets everything when the
     block ends; moto accepts any ``key``/``secret``. Other processes (DataLoader workers, a
     conversion subprocess) reach it over HTTP with the yielded options. Needs the ``scale``
-    extra (``moto[server]``, ``boto3``).
+    extra (``moto[server]``, ``boto3``). ``wsgi_middleware``, if given, is called once with moto's WSGI
+    application and must return the application to serve instead (every request, the bucket's creation
+    included, then passes through it): how :mod:`lance_cookbook.bench.s3_traffic` counts requests.
     """
     import boto3
     from moto.server import ThreadedMotoServer
@@ -127,6 +131,9 @@ def local_s3(
         server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         server.start()
         try:
+            if wsgi_middleware is not None:
+                # werkzeug's server (moto keeps it in _server) looks its application up on every request
+                server._server.app = wsgi_middleware(server._server.app)
             options = s3_storage_options(_endpoint(server), key, secret, region)
             boto3.client(
                 "s3",
