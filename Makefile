@@ -62,7 +62,8 @@ test: $(VENV)/.installed
 ## make bench: the full loader comparison of docs/benchmark.md and the README, warm and cold page cache, with
 ## the peers (WebDataset, MosaicML Streaming, LitData): 20,000 distinct 32x32 JPEGs and 2,000 photos. The
 ## `bench` extra lives in .venv-bench, apart from .venv: mosaicml-streaming requires transformers, which caps
-## huggingface_hub below 1.0, so pip picks an older `datasets` there (pyproject.toml). About 30 minutes on 2 cores.
+## huggingface_hub below 1.0, so pip picks an older `datasets` there (pyproject.toml). The loader runs took
+## 9-14 minutes on 2 cores, the object-storage counts of docs/object_storage_traffic.md come after them.
 # 2 fragments each, one per worker: Lance's iterable LanceDataset (lance_iterable) hands whole fragments to
 # workers (1 fragment leaves a worker idle), and random takes cost more the more fragments they span (20
 # fragments of 1,000 rows halved the random-order loader's rate, docs/benchmark.md)
@@ -94,7 +95,14 @@ bench: $(BENCH_VENV)/.installed
 	$(BENCH_PY) -m lance_cookbook.bench --imagefolder $(BENCH)/photos --lance $(BENCH)/photos.lance \
 		--image-size 224 $(BENCH_ARGS) --loaders bound_pil,bound_tv,lance_pil_float32,$(BENCH_PEERS) \
 		--work-dir $(BENCH)/work-photos --json $(BENCH)/bench-photos.json --plot $(BENCH)/bench-photos.png
-	@echo "figures: $(BENCH)/bench-32px.{json,png} $(BENCH)/bench-photos.{json,png}"
+	# object storage: requests and bytes per image at a local S3 server, then the round trips a loader waits
+	# for with 300 ms added to every request (not the image folder: 20,000 x 300 ms); docs/object_storage_traffic.md
+	$(BENCH_PY) -m lance_cookbook.bench.s3_traffic --imagefolder $(BENCH)/img32 --lance $(BENCH)/img32.lance \
+		--work-dir $(BENCH)/s3-32px --json $(BENCH)/s3-traffic-32px.json
+	$(BENCH_PY) -m lance_cookbook.bench.s3_traffic --imagefolder $(BENCH)/img32 --lance $(BENCH)/img32.lance \
+		--work-dir $(BENCH)/s3-32px --formats lance_random,lance_block,webdataset,streaming,litdata \
+		--delay-ms 300 --json $(BENCH)/s3-traffic-32px-300ms.json
+	@echo "figures: $(BENCH)/bench-32px.{json,png} $(BENCH)/bench-photos.{json,png} $(BENCH)/s3-traffic-32px*.json"
 
 ## make lab: JupyterLab on the notebooks
 lab: $(VENV)/.installed data

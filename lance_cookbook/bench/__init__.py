@@ -54,7 +54,8 @@ of the main process (per loader) and of the workers, in MiB. Output: a table on 
 Modules: :mod:`.candidates` (the loaders and their timed epoch), :mod:`.arrow` and :mod:`.baselines` (the
 datasets and collates they add), :mod:`.measure` (CPU seconds and RSS through psutil), :mod:`.conversion`,
 :mod:`.breakdown`, :mod:`.cache` (page-cache eviction), :mod:`.peers`, :mod:`.runner` (the whole run),
-:mod:`.report` (table and plot), :mod:`.cli`.
+:mod:`.report` (table and plot), :mod:`.cli`; :mod:`.s3_traffic` and :mod:`.s3_formats` (requests and bytes
+per image from a local S3 server, ``python -m lance_cookbook.bench.s3_traffic``).
 """
 
 from .arrow import ArrowImageCollate, ArrowLanceDataset, jpeg_views
