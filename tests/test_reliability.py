@@ -426,9 +426,10 @@ def test_worker_killed_during_conversion_is_named_and_cleaned_up(
     code, _, err = run_cli(capsys, *args)
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1, err
-    assert re.search(
-        r"checking worker process \(pid \d+\) was killed by signal 9.* while checking [abc]/", err
-    ), err
+    # under forkserver the server sometimes loses a killed worker's status (multiprocessing reports 255);
+    # the message then says so instead of naming the signal: both are the right answer
+    how = r"(was killed by signal 9|died \(killed, or out of memory\? the fork server lost its exit status\))"
+    assert re.search(rf"checking worker process \(pid \d+\) {how}.* while checking [abc]/", err), err
     assert not out.exists() and leftovers(tmp_path) == []
     assert new_children() == set()
 
