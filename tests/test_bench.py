@@ -24,6 +24,7 @@ from lance_cookbook.disk_usage import dir_bytes
 OPTIONS = [
     "--imagefolder",
     "--lance",
+    "--shuffle",
     "--image-size",
     "--batch-size",
     "--workers",
@@ -385,3 +386,20 @@ def test_start_method_per_loader_and_later_loaders_first_batch(tmp_path):
     later = report["later_loader_first_batch_s"]
     assert later == {"lance_tv_uint8_block": report["loaders"]["lance_tv_uint8_block"]["startup_s"]}
     assert later["lance_tv_uint8_block"] > 0
+
+
+def test_shuffle_converts_rows_in_a_random_order_for_the_block_sampler(tmp_path):
+    # the bench's own conversion in ImageFolder order gives the block sampler batches of one or two classes;
+    # --shuffle SEED writes the rows in a random order, and its batches mix classes as a full shuffle does
+    mixes = {}
+    for shuffle in (None, "0"):
+        run = tmp_path / f"shuffle-{shuffle}"
+        extra = ["--loaders", "lance_tv_uint8_block"] + (["--shuffle", shuffle] if shuffle else [])
+        args = _quick_args(run, 0, *extra)
+        args[args.index("--imagefolder") + 1] = str(tmp_path / "img")  # one image folder for both runs
+        assert bench.main(args) == 0
+        report = json.loads((run / "bench.json").read_text())
+        labels = lance.dataset(report["lance_uri"]).to_table(columns=["label"])["label"].to_pylist()
+        assert (labels == sorted(labels)) == (shuffle is None)
+        mixes[shuffle] = report["loaders"]["lance_tv_uint8_block"]["batch_label_entropy_vs_random"]
+    assert mixes["0"] > 0.9 > 0.6 > mixes[None], mixes

@@ -52,6 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="Lance dataset of DIR: used as is if it exists (no conversion measured), else DIR is converted "
         "into it and kept (default: a temporary dataset)",
     )
+    p.add_argument(
+        "--shuffle",
+        type=int,
+        metavar="SEED",
+        help="convert with the rows in the random order of SEED (data_prep.convert --shuffle), as the block "
+        "sampler (lance_tv_uint8_block) needs for batches of mixed classes; default: ImageFolder order",
+    )
     p.add_argument("--image-size", type=int, default=224, metavar="S", help="output height and width (224)")
     p.add_argument("--batch-size", type=int, default=64, metavar="B", help="images per batch (64)")
     p.add_argument(

@@ -46,9 +46,13 @@ def _peak_rss(cmd: list[str]) -> tuple[subprocess.CompletedProcess, int]:
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout), rss.peaks.get(proc.pid, 0)
 
 
-def convert_in_child(folder: str, output: str, *, progress: bool) -> dict[str, Any]:
+def convert_in_child(
+    folder: str, output: str, *, progress: bool, shuffle: int | None = None
+) -> dict[str, Any]:
     """Convert the image folder ``folder`` into the Lance dataset ``output`` (replacing it) with the
-    conversion's command line.
+    conversion's command line; ``shuffle``: write the rows in the random order of this seed
+    (``--shuffle SEED``, what ``BlockShuffleSampler`` needs for batches of mixed classes), else in
+    ``ImageFolder`` order.
 
     Returns
     -------
@@ -66,6 +70,7 @@ def convert_in_child(folder: str, output: str, *, progress: bool) -> dict[str, A
         summary = Path(tmp) / "summary.json"
         cmd = [sys.executable, "-m", CONVERT_MODULE, "--source", f"imagefolder:{folder}", "--output", output]
         cmd += ["--overwrite", "--summary-json", str(summary)] + ([] if progress else ["--no-progress"])
+        cmd += [] if shuffle is None else ["--shuffle", str(shuffle)]
         done, peak = _peak_rss(cmd)
         if done.returncode != 0:
             raise RuntimeError(f"conversion of {folder} failed (exit {done.returncode})")

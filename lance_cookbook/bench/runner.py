@@ -95,7 +95,7 @@ def _lance(args: argparse.Namespace, folder: str, work: Path, progress: bool) ->
         return uri, None
     uri = uri or str(work / "images.lance")
     _log(f"converting {folder} -> {uri}")
-    return uri, convert_in_child(folder, uri, progress=progress)
+    return uri, convert_in_child(folder, uri, progress=progress, shuffle=getattr(args, "shuffle", None))
 
 
 def _blobs(folder: str, order: list[int], cap: int) -> list[bytes]:
