@@ -22,7 +22,7 @@ import pyarrow as pa
 from lance.file import LanceFileSession
 from lance.fragment import FragmentMetadata, write_fragments
 
-from lance_cookbook.object_store import store_error_reason
+from lance_cookbook.object_store import silent_endpoint_reason, store_error_reason
 
 from .check import ConversionError, InvalidImage, ParameterError
 from .pool import Checked
@@ -184,7 +184,11 @@ def store_error(uri: str, error: BaseException, doing: str) -> ConversionError |
 
 def dataset_exists(uri: str, storage_options: dict[str, str] | None) -> bool:
     """Whether ``uri`` holds a Lance dataset; a store that refuses (no bucket, bad credentials, a scheme Lance
-    has no store for) raises :class:`ConversionError` naming it rather than counting as "no dataset"."""
+    has no store for) raises :class:`ConversionError` naming it rather than counting as "no dataset", and so
+    does an endpoint that accepts a connection and never answers (Lance would retry it for minutes)."""
+    silent = silent_endpoint_reason(storage_options)
+    if silent:
+        raise ConversionError(f"cannot open {uri}: {silent}")
     try:
         lance.dataset(uri, storage_options=storage_options)
         return True

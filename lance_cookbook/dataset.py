@@ -11,7 +11,7 @@ from typing import Any
 import lance
 from lance.torch.data import SafeLanceDataset
 
-from .object_store import store_error_reason
+from .object_store import silent_endpoint_reason, store_error_reason
 
 __all__ = [
     "open_dataset",
@@ -45,10 +45,13 @@ def dataset_options(version: int | str | None = None, storage_options: dict[str,
 
 def _open(uri: str | os.PathLike, options: dict) -> lance.LanceDataset:
     uri = os.fspath(uri)
+    what = f"version {options['version']} of " if "version" in options else ""
+    silent = silent_endpoint_reason(options.get("storage_options"))
+    if silent:  # Lance's client would retry this for minutes
+        raise DatasetNotFound(f"cannot open {what}Lance dataset at {uri!r}: {silent}")
     try:
         return lance.dataset(uri, **options)
     except (ValueError, OSError) as e:
-        what = f"version {options['version']} of " if "version" in options else ""
         reason = store_error_reason(uri, e) or str(e).split(", /")[0]  # drop the Rust source locations
         raise DatasetNotFound(f"cannot open {what}Lance dataset at {uri!r}: {reason}") from None
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-__all__ = ["s3_storage_options", "local_s3", "store_error_reason"]
+__all__ = ["s3_storage_options", "local_s3", "store_error_reason", "silent_endpoint_reason"]
 
 # Placeholders for the local server only: moto accepts any credentials, and these exist nowhere else.
 DUMMY_KEY = "cookbook-test-key"
@@ -95,6 +95,47 @@ def store_error_reason(uri: str, error: BaseException) -> str | None:
         endpoint = re.search(r"GET (https?://[^/\s]+)", text)
         where = endpoint.group(1) if endpoint else "the store"
         return f"cannot reach {where} (is the endpoint right and the server up?)"
+    return None
+
+
+# How long an endpoint that accepted the connection may take to answer one request before we call it silent.
+# Lance's own client retries such a request for minutes: measured against a local socket that accepts and
+# never replies, lance.dataset("s3://...") had not returned after 400 s with default options, and took 245 s
+# with timeout=10s (docs/scale.md).
+ENDPOINT_REPLY_TIMEOUT_S = 10.0
+
+
+def silent_endpoint_reason(
+    storage_options: dict[str, str] | None, timeout_s: float | None = None
+) -> str | None:
+    """Why the store at ``storage_options["aws_endpoint"]`` cannot be used, when it sends no reply to one
+    HTTP request within ``timeout_s`` (default :data:`ENDPOINT_REPLY_TIMEOUT_S`, 10 s): a server that
+    accepts connections and hangs, or a host that drops them. ``None`` otherwise.
+
+    One plain ``HEAD /`` over HTTP(S), no proxy: any HTTP answer, an error status included, means a server
+    is there (Lance then reports what it says); a refused or unresolvable connection is also left to Lance,
+    which names it (:func:`store_error_reason`). Only the silent server, a hang in Lance's client, is caught
+    here. No ``aws_endpoint`` (AWS itself) or another scheme: ``None``, nothing sent.
+    """
+    import urllib.error
+
+    endpoint = (storage_options or {}).get("aws_endpoint", "")
+    if not endpoint.startswith(("http://", "https://")):
+        return None
+    timeout_s = ENDPOINT_REPLY_TIMEOUT_S if timeout_s is None else timeout_s
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        opener.open(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout_s).close()
+    except urllib.error.HTTPError:
+        return None  # an answer
+    except TimeoutError:
+        return f"{endpoint} sent no reply to an HTTP request within {timeout_s:g} s (is the server hung?)"
+    except urllib.error.URLError as e:
+        if isinstance(e.reason, TimeoutError):
+            return f"{endpoint} sent no reply to an HTTP request within {timeout_s:g} s (is the server hung?)"
+        return None
+    except OSError:
+        return None
     return None
 
 

@@ -20,7 +20,12 @@ import pyarrow as pa
 import pytest
 
 from lance_cookbook import DatasetNotFound, make_loader, open_dataset
-from lance_cookbook.object_store import store_error_reason
+from lance_cookbook.object_store import (
+    local_s3,
+    s3_storage_options,
+    silent_endpoint_reason,
+    store_error_reason,
+)
 
 boto3 = pytest.importorskip("boto3", reason="needs the scale extra: pip install -e '.[scale]'")
 pytest.importorskip("moto", reason="needs the scale extra: pip install -e '.[scale]'")
@@ -113,3 +118,58 @@ def test_an_endpoint_that_does_not_answer_is_named():
         "cannot reach http://127.0.0.1:9 (is the endpoint right and the server up?)"
     )
     assert store_error_reason("data/x.lance", ValueError("Dataset at path x.lance was not found")) is None
+
+
+@pytest.fixture()
+def hung_endpoint():
+    """A local socket that accepts connections and never replies: a hung server."""
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    accepted: list[socket.socket] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                accepted.append(server.accept()[0])
+            except OSError:  # closed at the end of the test
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    server.close()
+    for conn in accepted:
+        conn.close()
+
+
+def test_a_hung_endpoint_is_one_line_within_the_timeout_not_minutes(hung_endpoint, monkeypatch):
+    # Lance alone retried this for minutes (400 s and counting with its defaults; docs/scale.md)
+    from data_prep.check import ConversionError
+    from data_prep.write import dataset_exists
+    from lance_cookbook import object_store
+
+    monkeypatch.setattr(object_store, "ENDPOINT_REPLY_TIMEOUT_S", 1.0)
+    options = s3_storage_options(hung_endpoint, "key", "secret")
+    start = time.perf_counter()
+    with pytest.raises(DatasetNotFound) as raised:
+        open_dataset("s3://bucket/x.lance", storage_options=options)
+    assert time.perf_counter() - start < 10
+    message = str(raised.value)
+    assert message == (
+        f"cannot open Lance dataset at 's3://bucket/x.lance': {hung_endpoint} sent no reply to an HTTP "
+        "request within 1 s (is the server hung?)"
+    )
+    with pytest.raises(ConversionError, match=rf"^cannot open s3://bucket/y.lance: {hung_endpoint} sent no"):
+        dataset_exists("s3://bucket/y.lance", options)
+
+
+def test_an_answering_or_refusing_endpoint_is_left_to_lance():
+    with socket.socket() as s:  # bound, never listening: the connection is refused at once
+        s.bind(("127.0.0.1", 0))
+        refused = f"http://127.0.0.1:{s.getsockname()[1]}"
+    assert silent_endpoint_reason({"aws_endpoint": refused}) is None  # Lance names it: "cannot reach ..."
+    assert silent_endpoint_reason({}) is None and silent_endpoint_reason(None) is None  # AWS itself
+    with local_s3() as options:  # a server that answers (an S3 error status is an answer)
+        assert silent_endpoint_reason(options) is None
