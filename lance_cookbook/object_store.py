@@ -128,14 +128,9 @@ def silent_endpoint_reason(
         opener.open(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout_s).close()
     except urllib.error.HTTPError:
         return None  # an answer
-    except TimeoutError:
-        return f"{endpoint} sent no reply to an HTTP request within {timeout_s:g} s (is the server hung?)"
-    except urllib.error.URLError as e:
-        if isinstance(e.reason, TimeoutError):
+    except OSError as e:  # a timeout comes bare, or wrapped in a URLError
+        if isinstance(getattr(e, "reason", e), TimeoutError):
             return f"{endpoint} sent no reply to an HTTP request within {timeout_s:g} s (is the server hung?)"
-        return None
-    except OSError:
-        return None
     return None
 
 

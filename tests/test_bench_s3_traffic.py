@@ -17,7 +17,8 @@ import pytest
 pytest.importorskip("boto3", reason="needs the scale extra: pip install -e '.[scale]'")
 pytest.importorskip("moto", reason="needs the scale extra: pip install -e '.[scale]'")
 
-from lance_cookbook.bench.s3_formats import FORMATS, Context, Store, jpeg_bytes, upload  # noqa: E402
+from lance_cookbook.bench.runner import folder_stats  # noqa: E402
+from lance_cookbook.bench.s3_formats import FORMATS, Context, Store, upload  # noqa: E402
 from lance_cookbook.bench.s3_traffic import (  # noqa: E402
     Request,
     TrafficCounter,
@@ -95,7 +96,8 @@ def test_delay_is_paid_per_request(served):
 def test_imagefolder_is_one_get_per_image_plus_the_listing(served, images, tmp_path):
     counter, store = served
     folder, _ = images
-    total, n = jpeg_bytes(folder)
+    stats = folder_stats(folder)
+    total, n = stats["bytes"], stats["images"]
     assert n == IMAGES
     upload(store, folder, "imagefolder")
     result = measure(FORMATS["imagefolder"], store, _context(tmp_path, n), counter)
@@ -117,7 +119,7 @@ def test_lance_block_order_needs_fewer_requests_and_bytes_than_random(served, im
         assert r["images"] == IMAGES and r["data_ranged"] == r["data_requests"] > 0
     assert block["data_requests"] < random["data_requests"]
     assert block["data_bytes"] < random["data_bytes"]
-    jpeg = jpeg_bytes(folder)[0]
+    jpeg = folder_stats(folder)["bytes"]
     assert block["data_bytes"] >= jpeg  # the images themselves, at least
     # opening (listing versions, the manifest) is the same for both orders
     assert block["fixed_requests"] == random["fixed_requests"] > 0

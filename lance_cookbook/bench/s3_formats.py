@@ -34,7 +34,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["FORMATS", "Context", "Format", "Store", "jpeg_bytes", "prepare", "upload"]
+__all__ = ["FORMATS", "Context", "Format", "Store", "prepare", "upload"]
 
 LANCE_PREFIX = "images.lance"
 
@@ -89,10 +89,11 @@ class Context:
         return tempfile.mkdtemp(prefix=name + "-", dir=self.work)
 
     def order(self, n: int) -> list[int]:
-        """The seeded random permutation of ``range(n)`` (torch's ``randperm``)."""
-        import torch
+        """The seeded random permutation of ``range(n)``: the first pass of the loader benchmark's
+        :class:`.candidates.EpochPermutations`, the order its loaders read first."""
+        from .candidates import EpochPermutations
 
-        return torch.randperm(n, generator=torch.Generator().manual_seed(self.seed)).tolist()
+        return list(EpochPermutations(n, self.seed))
 
 
 @dataclass(frozen=True)
@@ -123,18 +124,6 @@ class Format:
 
 
 # --- writing and uploading ------------------------------------------------------------------------------
-
-
-def jpeg_bytes(folder: str) -> tuple[int, int]:
-    """(total bytes, number of files) of the image folder's class subdirectories."""
-    total = count = 0
-    for cls in sorted(os.listdir(folder)):
-        path = os.path.join(folder, cls)
-        if os.path.isdir(path):
-            for name in os.listdir(path):
-                total += os.path.getsize(os.path.join(path, name))
-                count += 1
-    return total, count
 
 
 def prepare(sources: Iterable[str], folder: str, lance_path: str, work: str, seed: int) -> dict[str, str]:

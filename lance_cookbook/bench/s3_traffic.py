@@ -417,7 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Upload, read and model every format of ``args`` (see :func:`build_parser`); returns the report."""
     from ..object_store import local_s3
-    from .s3_formats import FORMATS, Context, Store, jpeg_bytes, prepare, upload
+    from .runner import folder_stats
+    from .s3_formats import FORMATS, Context, Store, prepare, upload
 
     keys = [k.strip() for k in args.formats.split(",") if k.strip()]
     unknown = [k for k in keys if k not in FORMATS]
@@ -429,7 +430,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     work = args.work_dir or tempfile.mkdtemp(prefix="s3-traffic-")
     sources = sorted({FORMATS[k].source for k in keys})
     local = prepare(sources, args.imagefolder, args.lance, work, args.seed)
-    total_jpeg, images = jpeg_bytes(args.imagefolder)
+    stats = folder_stats(args.imagefolder)
+    total_jpeg, images = stats["bytes"], stats["images"]
     counter = TrafficCounter()
     report: dict[str, Any] = {
         "images": images,
