@@ -37,7 +37,7 @@ from lance_cookbook.disk_usage import dir_bytes
 
 from .check import ConversionError, InvalidImage, ParameterError
 from .pool import checked_batches
-from .sources import IMAGE_EXTENSIONS, Source, digits_source, open_source, shuffled
+from .sources import IMAGE_EXTENSIONS, Source, digits_source, open_source, printable, shuffled
 
 if TYPE_CHECKING:  # for type checkers and linters; at run time __getattr__ imports it (it loads Lance)
     from .write import SCHEMA
@@ -79,9 +79,12 @@ class Summary:
         return self.rows / self.seconds if self.seconds > 0 else float("inf")
 
     def __str__(self) -> str:
+        """The summary as printed: names of files, the output and the source's notes shown with
+        :func:`~data_prep.sources.printable`, so no control character reaches the terminal (bat#3691)."""
         disk = f", {self.disk_bytes / 1e6:,.1f} MB on disk" if self.disk_bytes is not None else ""
         line = (
-            f"wrote {self.output} (version {self.version}): {self.rows:,} rows, {self.classes} classes, "
+            f"wrote {printable(self.output)} (version {self.version}): {self.rows:,} rows, "
+            f"{self.classes} classes, "
             f"{self.image_bytes / 1e6:,.1f} MB of image bytes{disk}, {self.seconds:.1f} s "
             f"({self.images_per_s:,.0f} images/s)"
         )
@@ -89,9 +92,10 @@ class Summary:
             some = "all" if self.unlabelled == self.rows else f"{self.unlabelled:,} of"
             line += f"\nunlabelled: {some} {self.rows:,} rows have label -1 (the source gives no label)"
         if self.skipped:
-            line += f"\nskipped {len(self.skipped)} invalid image(s):\n  " + "\n  ".join(self.skipped)
+            skipped = "\n  ".join(map(printable, self.skipped))
+            line += f"\nskipped {len(self.skipped)} invalid image(s):\n  {skipped}"
         if self.warnings:
-            line += "\nnote:\n  " + "\n  ".join(self.warnings)
+            line += "\nnote:\n  " + "\n  ".join(map(printable, self.warnings))
         return line
 
 
@@ -208,7 +212,8 @@ def convert(
     skipped: list[str] = []
     stats = {"image_bytes": 0, "labels": Counter()}  # rows per label
     start = time.perf_counter()
-    bar = tqdm(total=src.total, unit="img", desc=f"converting {src.description}", disable=not progress)
+    description = printable(src.description)  # a terminal line: hf:NAME or a folder's name can hold anything
+    bar = tqdm(total=src.total, unit="img", desc=f"converting {description}", disable=not progress)
     try:
         dest.prepare()
         if engine == "ray":
@@ -421,10 +426,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConversionError as e:
         message = e.cli_message if isinstance(e, ParameterError) else str(e)
         hint = " (pass --skip-invalid to skip such files)" if isinstance(e, InvalidImage) else ""
-        print(f"error: {message}{hint}; {_what_was_left(e, args.output)}", file=sys.stderr)
+        # One line, whatever a file name, a library's message or an argument holds (bat#3691)
+        print(printable(f"error: {message}{hint}; {_what_was_left(e, args.output)}"), file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
-        print(f"interrupted; {_what_was_left(e, args.output)}", file=sys.stderr)
+        print(printable(f"interrupted; {_what_was_left(e, args.output)}"), file=sys.stderr)
         return 130
     if args.summary_json:
         fields = dataclasses.asdict(summary) | {"images_per_s": summary.images_per_s}

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from bisect import bisect_right
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -129,12 +130,30 @@ def digits_source(split: str | None = None) -> Source:
     )
 
 
+# C0 controls, DEL and C1 controls. A terminal acts on them instead of showing them: ESC starts a sequence
+# that retitles, clears or recolours it, BEL rings, CR returns to the start of the line so that the rest
+# overwrites what was printed. File names are untrusted (a scraped dataset, a shared folder), so none of
+# them may reach a terminal raw (bat#3691, duperemove#353: the t3-sec-terminal-escapes report).
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
 def printable(text: str) -> str:
-    """``text`` as valid UTF-8: the bytes of a file name that is not UTF-8 (which ``os.fsdecode`` turned into
-    lone surrogates) are written ``\\xNN``, as Python's ``backslashreplace`` does."""
-    if text.isascii():
+    """``text`` safe to print on one line of a terminal, and valid UTF-8.
+
+    The bytes of a file name that is not UTF-8 (which ``os.fsdecode`` turned into lone surrogates) are
+    written ``\\xNN``, as Python's ``backslashreplace`` does; so are control characters (C0, DEL and C1:
+    ESC as ``\\x1b``, CR as ``\\r`` ...), which a terminal would act on (bat#3691). Idempotent: what it
+    returns holds no character it escapes. Every message of the conversion that names a file goes through it.
+    """
+    if text.isprintable():  # the usual name: no control character, no lone surrogate
         return text
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return _CONTROL.sub(_escape, text)
+
+
+def _escape(match: re.Match) -> str:
+    char = match.group()
+    return {"\t": "\\t", "\n": "\\n", "\r": "\\r"}.get(char) or f"\\x{ord(char):02x}"
 
 
 def _ignored(name: str) -> bool:
@@ -237,7 +256,8 @@ def imagefolder_source(root: str | os.PathLike) -> Source:
         raise ConversionError(f"imagefolder: {where}: cannot read folder: {e.strerror or e}") from None
     if not classes:
         raise ConversionError(
-            f"imagefolder: {printable(str(root))} holds no class folders (expected {root}/<class>/<image>)"
+            f"imagefolder: {printable(str(root))} holds no class folders (expected "
+            f"{printable(str(root))}/<class>/<image>)"
         )
     root_real = os.path.realpath(root)
     seen: set[str] = set()
