@@ -9,6 +9,7 @@ are deleted again (:meth:`Destination.abandon`); what cannot be deleted is named
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -272,7 +273,17 @@ class Destination:
             storage_options=self.storage_options,
         )
         if self.staging is not None:
-            os.replace(self.staging, self.path)
+            try:
+                os.replace(self.staging, self.path)
+            except OSError as e:
+                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+                # Another process wrote a dataset there since this one started (t3-nb-parallel-first-run):
+                # keep it, and drop ours (abandon() removes the staging folder)
+                raise ConversionError(
+                    f"output {self.uri} was created by another process while this conversion ran; it is "
+                    "kept as it is and nothing of this run was written there"
+                ) from None
             self.staging = None
         ds = lance.dataset(self.uri, storage_options=self.storage_options)
         if ds.count_rows() != rows:
