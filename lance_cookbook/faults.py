@@ -13,13 +13,24 @@ import os
 import signal
 import subprocess
 import time
+import uuid
 from pathlib import Path
 
 import psutil
 
-__all__ = ["PAUSE_ENV", "pause_env", "rank_process", "kill_rank_when_paused"]
+__all__ = [
+    "PAUSE_ENV",
+    "JOB_ENV",
+    "pause_env",
+    "job_env",
+    "job_processes",
+    "wait_until_job_gone",
+    "rank_process",
+    "kill_rank_when_paused",
+]
 
 PAUSE_ENV = "LANCE_COOKBOOK_PAUSE_AFTER_CHECKPOINT"
+JOB_ENV = "LANCE_COOKBOOK_JOB"
 
 
 def pause_env(epoch: int, step: int) -> dict[str, str]:
@@ -29,6 +40,60 @@ def pause_env(epoch: int, step: int) -> dict[str, str]:
     multiple of it (and not the epoch's last step, which is saved as the next epoch's start).
     """
     return {PAUSE_ENV: f"{epoch}:{step}"}
+
+
+def job_env(marker: str | None = None) -> dict[str, str]:
+    """An environment entry that marks every process of a job: put it in the launcher's environment and
+    each process it starts inherits it (ranks, fork servers, DataLoader workers), whatever its name or
+    parent. ``marker`` defaults to a fresh random one."""
+    return {JOB_ENV: marker or uuid.uuid4().hex}
+
+
+def job_processes(env: dict[str, str]) -> list[psutil.Process]:
+    """The live processes whose environment holds the :func:`job_env` entry ``env`` (zombies excluded: they
+    hold no memory and no file)."""
+    ((key, value),) = env.items()
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if process.environ().get(key) == value and process.status() != psutil.STATUS_ZOMBIE:
+                found.append(process)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue  # ended while we looked, or not ours to inspect
+    return found
+
+
+def wait_until_job_gone(env: dict[str, str], *, give_up_s: float = 30.0) -> float:
+    """Wait until no process of the job marked by ``env`` (:func:`job_env`) is alive.
+
+    Returns
+    -------
+    float
+        Seconds waited.
+
+    Raises
+    ------
+    RuntimeError
+        Some are still alive after ``give_up_s`` seconds; the message names each (pid, command, RSS).
+    """
+    start = time.monotonic()
+    while True:
+        alive = job_processes(env)
+        if not alive:
+            return time.monotonic() - start
+        if time.monotonic() - start > give_up_s:
+            described = []
+            for p in alive:
+                try:
+                    described.append(
+                        f"{p.pid} ({' '.join(p.cmdline())[:80]}, {p.memory_info().rss >> 20} MiB)"
+                    )
+                except psutil.Error:
+                    continue
+            raise RuntimeError(
+                f"{len(alive)} process(es) of the job alive after {give_up_s:.0f} s: {'; '.join(described)}"
+            )
+        time.sleep(0.1)
 
 
 def rank_process(launcher_pid: int, rank: int, module: str = "lance_cookbook.train") -> psutil.Process | None:
@@ -64,12 +129,13 @@ def rank_process(launcher_pid: int, rank: int, module: str = "lance_cookbook.tra
 def kill_rank_when_paused(
     launcher: subprocess.Popen, checkpoint: str | os.PathLike, rank: int, *, give_up_s: float = 600.0
 ) -> int:
-    """Wait until ``checkpoint`` exists (the ranks pause right after writing it), then SIGKILL ``rank`` and
-    its DataLoader workers.
+    """Wait until ``checkpoint`` exists (the ranks pause right after writing it), then SIGKILL the process of
+    ``rank`` alone.
 
-    SIGKILL, because a preempted or OOM-killed process gets no chance to clean up either: no handler
-    runs, no file is closed. ``torch.distributed.run`` then sees a failed worker, stops the others and,
-    with ``--max-restarts``, starts all ranks again; they resume from the newest checkpoint.
+    SIGKILL of that one pid, as the OOM killer or a crashing CUDA kernel does: no handler runs, no file is
+    closed, and its DataLoader workers and fork server are left to notice by themselves (they do:
+    :class:`lance_cookbook.loader.WorkerInit`). ``torch.distributed.run`` then sees a failed worker, stops
+    the others and, with ``--max-restarts``, starts all ranks again; they resume from the newest checkpoint.
 
     Parameters
     ----------
@@ -101,19 +167,6 @@ def kill_rank_when_paused(
             raise RuntimeError(f"gave up after {give_up_s:.0f} s: no {checkpoint}, or no rank {rank} found")
         target = rank_process(launcher.pid, rank) if checkpoint.exists() else None
         if target is not None:
-            try:
-                workers = target.children(recursive=True)
-            except psutil.NoSuchProcess:
-                workers = []
             os.kill(target.pid, signal.SIGKILL)
-            # Its DataLoader workers go with it, as on a lost node. Left alone, a worker whose parent died
-            # with batches still queued can block for ever at exit, joining its queue's feeder thread: it
-            # holds the pipe's reading end itself, so the write never fails. It would outlive the run and
-            # keep the launcher's stdout open.
-            for worker in workers:
-                try:
-                    worker.kill()
-                except psutil.NoSuchProcess:
-                    pass
             return target.pid
         time.sleep(0.1)

@@ -4,16 +4,19 @@ collate."""
 from __future__ import annotations
 
 import os
+import signal
+from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.multiprocessing
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .collate import ImageCollate
 from .dataset import open_dataset
-from .start_method import LOADER_PRELOAD, check_start_method, lance_safe_context
+from .start_method import LOADER_PRELOAD, check_start_method, end_with_process, lance_safe_context
 
-__all__ = ["make_loader", "default_workers", "check_start_method", "ReentrantDataLoader"]
+__all__ = ["make_loader", "default_workers", "check_start_method", "ReentrantDataLoader", "WorkerInit"]
 
 
 def default_workers() -> int:
@@ -24,6 +27,46 @@ def default_workers() -> int:
     except AttributeError:  # macOS, Windows
         cores = os.cpu_count() or 1
     return max(1, min(8, cores))
+
+
+class WorkerInit:
+    """``worker_init_fn`` of :func:`make_loader`'s workers: what a forkserver or spawn worker does not get
+    from the process that started it, then ``worker_init_fn`` (the caller's, if any).
+
+    - **It ends with that process.** :func:`lance_cookbook.start_method.end_with_process`: a worker whose
+      training process or notebook kernel was SIGKILLed exits at once, and so does the fork server after
+      it; PyTorch's own check watches the parent, which under forkserver is the fork server.
+    - **It shares tensors the same way.** ``torch.multiprocessing.set_sharing_strategy('file_system')``,
+      PyTorch's remedy for "Too many open files" (pytorch/pytorch#11201), is per process; a worker forked
+      from a fresh fork server keeps the default ``file_descriptor`` (pytorch/pytorch#75269). The strategy
+      the starting process uses when the workers start is applied in each worker.
+    - **It leaves SIGINT to that process.** Jupyter's Kernel > Interrupt sends SIGINT to the kernel's whole
+      process group, workers included; PyTorch's worker loop then exits, and a loader's *persistent* workers
+      were dead for every later pass (open-mmlab/mmdetection#410). The main process gets the
+      ``KeyboardInterrupt`` and stops or resets the workers itself.
+
+    The pid and the strategy are read when the object is pickled, which the loader does in the process that
+    starts its workers, at that moment.
+    """
+
+    def __init__(self, worker_init_fn: Callable[[int], Any] | None = None):
+        self.worker_init_fn = worker_init_fn
+        self.owner_pid = os.getpid()
+        self.sharing_strategy = torch.multiprocessing.get_sharing_strategy()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {
+            "worker_init_fn": self.worker_init_fn,
+            "owner_pid": os.getpid(),
+            "sharing_strategy": torch.multiprocessing.get_sharing_strategy(),
+        }
+
+    def __call__(self, worker_id: int) -> None:
+        end_with_process(self.owner_pid)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        torch.multiprocessing.set_sharing_strategy(self.sharing_strategy)
+        if self.worker_init_fn is not None:
+            self.worker_init_fn(worker_id)
 
 
 class ReentrantDataLoader(DataLoader):
@@ -112,6 +155,10 @@ def make_loader(
       forkserver): a loader's first batch comes in well under a second instead of about 3 s with spawn
       (``docs/benchmark.md``). ``multiprocessing_context="spawn"`` still works; ``fork`` is refused
       (lance#3640). ``pin_memory`` defaults to ``torch.cuda.is_available()``.
+    - Each worker runs :class:`WorkerInit` first (then ``worker_init_fn``, if given): it exits when the
+      process that started it dies (a SIGKILLed rank or kernel leaves no worker nor fork server behind),
+      uses that process's tensor sharing strategy, and ignores SIGINT (a notebook's Kernel > Interrupt
+      leaves persistent workers usable).
     - A URI is opened here first, so a wrong path fails now with its name; ``version`` and
       ``storage_options`` reach every worker.
     - ``columns``: what each batch reads from a URI. ``"auto"`` (default) reads the columns the collate
@@ -167,6 +214,7 @@ def make_loader(
         else:
             kwargs["multiprocessing_context"] = check_start_method(multiprocessing_context)
         kwargs["persistent_workers"] = True if persistent_workers is None else persistent_workers
+        kwargs["worker_init_fn"] = WorkerInit(dataloader_kwargs.pop("worker_init_fn", None))
     elif persistent_workers:
         raise ValueError("persistent_workers=True needs num_workers > 0")
     kwargs.update(dataloader_kwargs)

@@ -9,10 +9,14 @@ from __future__ import annotations
 import multiprocessing
 import multiprocessing.context
 import multiprocessing.forkserver
+import os
+import select
+import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["check_start_method", "lance_safe_context", "LOADER_PRELOAD"]
+__all__ = ["check_start_method", "lance_safe_context", "end_with_process", "LOADER_PRELOAD"]
 
 # What DataLoader workers import before they can run a collate: loaded once by the fork server instead of
 # by every worker. Measured: a second loader's first batch in 0.48 s instead of 2.9-3.0 s with spawn
@@ -62,3 +66,57 @@ def lance_safe_context(preload: Sequence[str] = ()) -> multiprocessing.context.B
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(keep + [m for m in preload if m not in keep])
     return context
+
+
+def end_with_process(pid: int, *, poll_s: float = 0.5) -> threading.Thread:
+    """In a worker process: end this process (``os._exit(1)``) as soon as process ``pid`` ends.
+
+    A DataLoader worker notices that its training process died by watching its *parent* pid
+    (``torch.utils.data._utils.worker.ManagerWatchdog``, pytorch/pytorch#6606). Under ``forkserver`` its
+    parent is the fork server, which outlives a SIGKILLed training process; and the fork server exits only
+    when the last holder of its "alive" pipe is gone, which every worker is. So after an OOM kill of a rank
+    or of a Jupyter kernel, the fork server (~815 MiB with torch preloaded) and its workers (~670 MiB each)
+    lived on for ever and kept the launcher's stdout open (``../shared/GUIDE.md``, measured 2026-12-03).
+    Watching the process that started the worker instead ends both: the workers leave, then the fork server
+    reads EOF on its pipe and exits.
+
+    ``os._exit``, not ``sys.exit``: a worker whose reader is gone can block for ever joining its queue's
+    feeder thread at a normal exit. On Linux 5.3+ the watch is a ``pidfd`` (woken at the death itself, no
+    polling); elsewhere ``pid`` is polled every ``poll_s`` seconds.
+
+    Parameters
+    ----------
+    pid : int
+        The process whose end ends this one: the one that started the workers (``os.getpid()`` there).
+    poll_s : float
+        Seconds between checks where there is no ``pidfd``.
+
+    Returns
+    -------
+    threading.Thread
+        The daemon thread that watches (already started).
+    """
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:  # it died before this worker got here
+        os._exit(1)
+    except (AttributeError, OSError):  # not Linux, or a kernel before 5.3
+        fd = None
+
+    def watch() -> None:
+        if fd is not None:
+            select.select([fd], [], [])  # readable once the process has ended
+        else:
+            while True:
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    break
+                except PermissionError:  # alive, owned by someone else
+                    pass
+                time.sleep(poll_s)
+        os._exit(1)
+
+    thread = threading.Thread(target=watch, name=f"end-with-{pid}", daemon=True)
+    thread.start()
+    return thread
