@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -16,6 +17,33 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parent.parent
+
+# What a test must leave as it found it: a later test that simulates Ctrl-C (``_thread.interrupt_main``) or
+# SIGTERM does nothing if an earlier one left the handler changed (issue 21: CI failed on a clean clone, in
+# one order only)
+GUARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@pytest.fixture(autouse=True)
+def leaves_the_process_as_it_found_it():
+    """Fail a test that changes this process's signal handlers, blocked signals or working directory without
+    restoring them (monkeypatch restores its own changes first), and restore them, so no test depends on
+    another's state or on the order the tests run in."""
+    handlers = {s: signal.getsignal(s) for s in GUARDED_SIGNALS}
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    cwd = os.getcwd()
+    yield
+    changed = []
+    for s, handler in handlers.items():
+        if signal.getsignal(s) != handler:
+            changed.append(f"handler of {signal.Signals(s).name}")
+            signal.signal(s, handler)
+    if signal.pthread_sigmask(signal.SIG_SETMASK, blocked) != blocked:
+        changed.append("blocked signals")
+    if os.getcwd() != cwd:
+        changed.append(f"working directory ({os.getcwd()})")
+        os.chdir(cwd)
+    assert not changed, f"the test left this process changed: {', '.join(changed)}"
 
 
 def photo(seed: int, size: tuple[int, int] = (64, 48)) -> Image.Image:
