@@ -52,12 +52,13 @@ $(SITE)/index.html: $(EXECUTED) $(DOCS_SOURCES) $(PACKAGE_SOURCES) | $(VENV)/.in
 	@echo "site built: open $(SITE)/index.html or run: python -m http.server -d $(SITE)"
 
 ## make test: install, lint, every notebook executed into build/ and the site built (make docs), then the
-## unit tests, the notebooks' static checks and the site opened in headless Chromium (tests/test_site.py)
+## unit tests, the notebooks' static checks and the site opened in headless Chromium (tests/test_site.py);
+## `make test PYTEST_ARGS="--random-order"` runs the tests in a random order (the seed is printed at the top)
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(MAKE) --no-print-directory docs
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV)/bin/pytest tests
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV)/bin/pytest tests $(PYTEST_ARGS)
 
 ## make bench: the full loader comparison of docs/benchmark.md and the README, warm and cold page cache, with
 ## the peers (WebDataset, MosaicML Streaming, LitData): 20,000 distinct 32x32 JPEGs and 2,000 photos. The
