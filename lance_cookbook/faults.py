@@ -14,6 +14,8 @@ import signal
 import subprocess
 import time
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -24,9 +26,11 @@ __all__ = [
     "pause_env",
     "job_env",
     "job_processes",
+    "wait_until_gone",
     "wait_until_job_gone",
     "rank_process",
     "kill_rank_when_paused",
+    "Kill",
 ]
 
 PAUSE_ENV = "LANCE_COOKBOOK_PAUSE_AFTER_CHECKPOINT"
@@ -63,8 +67,8 @@ def job_processes(env: dict[str, str]) -> list[psutil.Process]:
     return found
 
 
-def wait_until_job_gone(env: dict[str, str], *, give_up_s: float = 30.0) -> float:
-    """Wait until no process of the job marked by ``env`` (:func:`job_env`) is alive.
+def wait_until_gone(processes: Callable[[], list[psutil.Process]], *, give_up_s: float = 30.0) -> float:
+    """Wait until ``processes()`` (called again every 0.1 s) returns no process.
 
     Returns
     -------
@@ -78,7 +82,7 @@ def wait_until_job_gone(env: dict[str, str], *, give_up_s: float = 30.0) -> floa
     """
     start = time.monotonic()
     while True:
-        alive = job_processes(env)
+        alive = [p for p in processes() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
         if not alive:
             return time.monotonic() - start
         if time.monotonic() - start > give_up_s:
@@ -91,9 +95,15 @@ def wait_until_job_gone(env: dict[str, str], *, give_up_s: float = 30.0) -> floa
                 except psutil.Error:
                     continue
             raise RuntimeError(
-                f"{len(alive)} process(es) of the job alive after {give_up_s:.0f} s: {'; '.join(described)}"
+                f"{len(alive)} process(es) alive after {give_up_s:.0f} s: {'; '.join(described)}"
             )
         time.sleep(0.1)
+
+
+def wait_until_job_gone(env: dict[str, str], *, give_up_s: float = 30.0) -> float:
+    """Wait until no process of the job marked by ``env`` (:func:`job_env`) is alive; see
+    :func:`wait_until_gone` for what it returns and raises."""
+    return wait_until_gone(lambda: job_processes(env), give_up_s=give_up_s)
 
 
 def rank_process(launcher_pid: int, rank: int, module: str = "lance_cookbook.train") -> psutil.Process | None:
@@ -126,9 +136,19 @@ def rank_process(launcher_pid: int, rank: int, module: str = "lance_cookbook.tra
     return None
 
 
+@dataclass
+class Kill:
+    """What :func:`kill_rank_when_paused` killed, and what it left: the rank's own children (its fork
+    server, its DataLoader workers), alive just before the kill."""
+
+    pid: int
+    left: list[psutil.Process]
+    left_rss_bytes: int  # their resident memory just before the kill, in bytes
+
+
 def kill_rank_when_paused(
     launcher: subprocess.Popen, checkpoint: str | os.PathLike, rank: int, *, give_up_s: float = 600.0
-) -> int:
+) -> Kill:
     """Wait until ``checkpoint`` exists (the ranks pause right after writing it), then SIGKILL the process of
     ``rank`` alone.
 
@@ -150,8 +170,9 @@ def kill_rank_when_paused(
 
     Returns
     -------
-    int
-        The pid that was killed.
+    Kill
+        The pid that was killed, and the processes it had started (to watch them go:
+        :func:`wait_until_gone`).
 
     Raises
     ------
@@ -167,6 +188,13 @@ def kill_rank_when_paused(
             raise RuntimeError(f"gave up after {give_up_s:.0f} s: no {checkpoint}, or no rank {rank} found")
         target = rank_process(launcher.pid, rank) if checkpoint.exists() else None
         if target is not None:
+            left, rss = [], 0
+            for child in target.children(recursive=True):
+                try:
+                    rss += child.memory_info().rss
+                    left.append(child)
+                except psutil.Error:
+                    continue
             os.kill(target.pid, signal.SIGKILL)
-            return target.pid
+            return Kill(target.pid, left, rss)
         time.sleep(0.1)

@@ -24,6 +24,7 @@ from lance_cookbook.faults import (
     job_processes,
     kill_rank_when_paused,
     pause_env,
+    wait_until_gone,
     wait_until_job_gone,
 )
 from lance_cookbook.loader import WorkerInit
@@ -221,7 +222,9 @@ def test_a_rank_sigkilled_alone_restarts_matches_and_leaves_nothing_behind(small
     reader = Reader(proc.stdout)
     reader.start()
     try:
-        kill_rank_when_paused(proc, tmp_path / "b" / "checkpoint-e00001-s000000000064.pt", rank=1)
+        kill = kill_rank_when_paused(proc, tmp_path / "b" / "checkpoint-e00001-s000000000064.pt", rank=1)
+        assert len(kill.left) >= 2  # its fork server and its worker, left alone by the kill
+        wait_until_gone(lambda: kill.left, give_up_s=30)  # they go while the job goes on
         assert proc.wait(timeout=300) == 0, "".join(reader.text)[-3000:]
         reader.join(30)
         assert not reader.is_alive(), "the launcher's output is still held open 30 s after it exited"
@@ -243,7 +246,7 @@ def test_job_processes_finds_a_marked_child_and_not_an_unmarked_one():
     try:
         assert [p.pid for p in job_processes(marker)] == [marked.pid]
         with pytest.raises(
-            RuntimeError, match=rf"1 process\(es\) of the job alive after 0 s: {marked.pid} \(.*python -c"
+            RuntimeError, match=rf"1 process\(es\) alive after 0 s: {marked.pid} \(.*python -c"
         ):
             wait_until_job_gone(marker, give_up_s=0)
     finally:
