@@ -18,6 +18,8 @@ the time goes"):
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import io
 import math
 import warnings
@@ -32,7 +34,37 @@ from torchvision.io import ImageReadMode, decode_image, decode_jpeg, decode_png
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-__all__ = ["Batch", "ImageCollate", "DecodeError", "stack_channels_last"]
+__all__ = ["AUGMENT_SEED", "Batch", "ImageCollate", "DecodeError", "augment_seed", "stack_channels_last"]
+
+# The row key that carries a sample's own augmentation seed (see augment_seed); rows without it draw from the
+# process's generator as before.
+AUGMENT_SEED = "augment_seed"
+
+
+def augment_seed(seed: int, epoch: int, position: int) -> int:
+    """The seed of one sample's random crop and flip: a 63-bit int from SHA-256 of ``seed``, ``epoch`` and the
+    sample's ``position`` in the epoch's global order.
+
+    Drawn from the DataLoader workers' own generators, augmentation depended on when the workers started, so
+    a run resumed from a checkpoint cropped differently from an uninterrupted one (t3-ckpt-augment-resume-
+    differs; starVLA#351). A seed of (seed, epoch, position) is the same in both, for any number of workers or
+    processes.
+    """
+    digest = hashlib.sha256(f"{seed}:{epoch}:{position}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None):
+    """Draw from a generator seeded with ``seed`` inside the block and leave the process's generator as it
+    was; nothing changes when ``seed`` is None."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 
@@ -233,7 +265,9 @@ class ImageCollate:
     size : int
         Output height and width in pixels.
     train : bool
-        ``True``: ``RandomResizedCrop(size)`` + horizontal flip. ``False``: the evaluation transform, shorter
+        ``True``: ``RandomResizedCrop(size)`` + horizontal flip, drawn for each row from a generator seeded
+        with the row's ``AUGMENT_SEED`` entry when it has one (:func:`augment_seed`), else from the
+        process's generator. ``False``: the evaluation transform, shorter
         side resized to ``floor(size / crop_fraction)`` then a centre crop of ``size``, so a non-square
         photo keeps its proportions instead of being squashed.
     decoder : {"pil", "torchvision"}
@@ -359,7 +393,9 @@ class ImageCollate:
                 return img
         return v2.functional.pil_to_tensor(_pil_to_rgb(data))
 
-    def _decode_torchvision(self, blobs: list[bytes]) -> list[torch.Tensor | Exception]:
+    def _decode_torchvision(
+        self, blobs: list[bytes], seeds: list[int | None]
+    ) -> list[torch.Tensor | Exception]:
         out: list[torch.Tensor | Exception | None] = [None] * len(blobs)
         paths = [_fast_path(b) if b else "pil" for b in blobs]
         jpegs = [i for i, path in enumerate(paths) if path == "jpeg"]
@@ -373,7 +409,8 @@ class ImageCollate:
         for i, (b, path) in enumerate(zip(blobs, paths, strict=True)):
             # every step of one row inside its own try, so a fault anywhere names that row and obeys on_error
             try:
-                out[i] = self._geometry(out[i] if out[i] is not None else self._decode_one(b, path))
+                with _seeded(seeds[i]):
+                    out[i] = self._geometry(out[i] if out[i] is not None else self._decode_one(b, path))
             except Exception as e:  # noqa: BLE001 - reported per row by the caller
                 out[i] = e
         return out
@@ -383,15 +420,18 @@ class ImageCollate:
             image, label = self([rows])
             return Batch(image[0], label[0])
         blobs = [row[self.image_column] for row in rows]
+        # a row's own seed (AUGMENT_SEED, set by training's loader) makes its crop and flip reproducible
+        seeds = [row.get(AUGMENT_SEED) if self.train else None for row in rows]
         if self.decoder == "torchvision":
-            decoded = self._decode_torchvision(blobs)
+            decoded = self._decode_torchvision(blobs, seeds)
         else:
             decoded = []
-            for b in blobs:
+            for b, seed in zip(blobs, seeds, strict=True):
                 try:
                     if not b:
                         raise ValueError("empty image bytes")
-                    decoded.append(self._decode_pil(b))
+                    with _seeded(seed):
+                        decoded.append(self._decode_pil(b))
                 except Exception as e:  # noqa: BLE001 - reported per row below
                     decoded.append(e)
         images, labels = [], []

@@ -3,7 +3,11 @@ decide what every rank reads (dataset versions) before any rank opens it."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import threading
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -35,6 +39,55 @@ def setup_distributed() -> tuple[int, int, torch.device]:
     store = dist.PrefixStore(f"lance_cookbook/attempt_{attempt}", store)
     dist.init_process_group(backend, store=store, rank=rank, world_size=world)
     return dist.get_rank(), dist.get_world_size(), device
+
+
+class StopRequest:
+    """Remembers a SIGTERM instead of dying of it, so training can stop at a step boundary and checkpoint.
+
+    Spot instances and SLURM send SIGTERM, then SIGKILL about 30 s later; ``torch.distributed.run`` passes a
+    SIGTERM it gets to every rank's process group. :func:`lance_cookbook.train.main` installs one for the
+    run and hands :attr:`requested` to :func:`lance_cookbook.engine.train_one_epoch`, whose per-step
+    ``all_reduce`` makes every rank stop after the same step.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    @property
+    def requested(self) -> bool:
+        """True once a signal arrived."""
+        return self.signum is not None
+
+    def __call__(self) -> bool:
+        return self.requested
+
+    def _handle(self, signum: int, frame) -> None:
+        self.signum = signum
+
+    @contextlib.contextmanager
+    def installed(self, signals: tuple[int, ...] = (signal.SIGTERM,)) -> Iterator[StopRequest]:
+        """Handle ``signals`` inside the block and restore the previous handlers after it. Outside the main
+        thread (where Python cannot set handlers) nothing is installed and the signals keep their effect."""
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = {s: signal.signal(s, self._handle) for s in signals}
+        try:
+            yield self
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+
+def ignore_sigterm(worker_id: int) -> None:
+    """``worker_init_fn`` for training's DataLoader workers: ignore SIGTERM.
+
+    ``torch.distributed.run`` (``os.killpg``), SLURM and a shutting-down node send it to the workers as well;
+    a worker dying of it makes the rank's next batch (or PyTorch's SIGCHLD handler, at any moment) raise
+    "DataLoader worker ... is killed by signal", so the rank could not finish its step and checkpoint.
+    The workers still end with the rank (:class:`lance_cookbook.loader.WorkerInit`) or by SIGKILL.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def all_sum(values: list[float], device: torch.device) -> list[float]:

@@ -4,9 +4,11 @@ the per-epoch sums (:class:`EpochTally`) they add to."""
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -15,6 +17,23 @@ from .distributed import all_sum
 from .meters import DataWaitMeter
 
 SUM_KEYS = ("loss_sum", "samples", "data_wait_s", "step_s")
+
+
+class TrainingDiverged(FloatingPointError):
+    """A non-finite (NaN or infinite) training loss or weight; the message names the epoch and step.
+
+    Raised on every rank at the same step, before the optimizer applies that step's update, so no weight
+    and no checkpoint takes the non-finite values (t3-train-nan-loss-unnoticed; chainerui#16).
+    """
+
+
+class Stopped(Exception):
+    """Raised by :func:`train_one_epoch` once the step at which the ranks agreed to stop is done (its
+    update applied, its ``after_step`` run). ``steps``: the steps of this pass done."""
+
+    def __init__(self, steps: int):
+        super().__init__(f"stopped after step {steps} of this pass")
+        self.steps = steps
 
 
 class EpochTally:
@@ -73,6 +92,9 @@ def train_one_epoch(
     print_freq: int = 10,
     log: Callable[[str], None] = print,
     progress_bar: bool = False,
+    stop: Callable[[], bool] | None = None,
+    agree_steps: int | None = None,
+    first_step: int = 0,
 ) -> EpochTally:
     """One pass over ``data_loader``: forward, backward and an optimizer step per batch.
 
@@ -109,17 +131,37 @@ def train_one_epoch(
         Receives the progress lines (rank 0: ``print``; other ranks: a no-op).
     progress_bar : bool
         A tqdm bar (step, images/s, loss, data wait) instead of progress lines, for a terminal.
+    stop : callable, optional
+        Returns True once this rank has been asked to stop (SIGTERM: :class:`lance_cookbook.distributed.
+        StopRequest`). Read after each step's backward; when any rank's says so, every rank applies that
+        step, runs ``after_step`` and raises :class:`Stopped`.
+    agree_steps : int, optional
+        The leading steps of this pass in which every rank has a batch (default: all): in those, after each
+        backward, one ``all_reduce`` of two numbers tells every rank whether any rank's loss is non-finite
+        or any rank was asked to stop, so all leave at the same step. In later steps (the uneven tail of an
+        elastic resume) no collective can run: each rank checks its own loss, and a stop waits for the
+        epoch's end. A stop asked for at the last of these steps also waits for the epoch's end.
+    first_step : int
+        Steps of this epoch done before this pass (resuming): only for naming the step in errors.
 
     Returns
     -------
     EpochTally
         ``tally`` with this pass's sums in its ``local`` part; :meth:`EpochTally.fold` adds them up over
         ranks. Data-wait and step seconds are measured by :class:`DataWaitMeter`.
+
+    Raises
+    ------
+    TrainingDiverged
+        On every rank, at the first step whose loss is NaN or infinite on any rank, before its update.
+    Stopped
+        On every rank, after the step at which the ranks agreed to stop (see ``stop``).
     """
     tally = EpochTally() if tally is None else tally
     model.train()
     meter = DataWaitMeter()
     total = len(data_loader)
+    agree_steps = total if agree_steps is None else agree_steps
     bar = None
     if progress_bar:
         from tqdm.auto import tqdm
@@ -142,11 +184,26 @@ def train_one_epoch(
                 loss = criterion(model(images), labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
             value, n = loss.item(), labels.numel()
+            flags = [float(not math.isfinite(value)), float(stop is not None and stop())]
+            if step < agree_steps:
+                flags = all_sum(flags, device)  # identity when running alone
+            if flags[0]:
+                where = f" on {flags[0]:g} of the ranks" if dist.is_initialized() else ""
+                raise TrainingDiverged(
+                    f"training diverged at epoch {epoch}, step {first_step + step + 1}: the loss is not "
+                    f"finite{where} (here {value:g}); that step was not applied and no checkpoint holds "
+                    "it. Lower --lr, or look for bad inputs or low-precision overflow"
+                )
+            optimizer.step()
             tally.add(loss_sum=value * n, samples=n)
             if after_step is not None:
                 after_step(step + 1)
+            if flags[1] and step + 1 < agree_steps:
+                tally.add(data_wait_s=meter.wait_s - timed_wait, step_s=meter.step_s - timed_step)
+                if bar is not None:
+                    bar.close()
+                raise Stopped(step + 1)
             rate = n / meter.last_step_s if meter.last_step_s > 0 else 0.0
             if bar is not None:
                 bar.update(1)

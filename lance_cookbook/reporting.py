@@ -13,13 +13,21 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from .checkpoint import write_atomically
 
-def write_json(path: Path, data: dict) -> None:
-    """Write ``data`` to ``path`` atomically: a crash leaves the previous file, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+
+def write_json(path: str | os.PathLike, data: dict, *, storage_options: dict[str, str] | None = None) -> None:
+    """Write ``data`` as strict JSON to ``path`` (a local file or an ``s3://`` URI) atomically: a crash
+    leaves the previous file, never half of one (:func:`lance_cookbook.checkpoint.write_atomically`).
+
+    Raises
+    ------
+    ValueError
+        ``data`` holds NaN or infinity, which is not JSON (RFC 8259; Python would write ``NaN``, which jq,
+        JavaScript, Go and Postgres reject: chainerui#16); nothing is written.
+    """
+    text = json.dumps(data, indent=2, allow_nan=False).encode()
+    write_atomically(path, lambda f: f.write(text), storage_options=storage_options)
 
 
 def _quiet(*args, **kwargs) -> None:
@@ -61,8 +69,16 @@ def epoch_metrics(epoch: int, sums: dict[str, float], correct: int, val_seen: in
     }
 
 
-def record_epoch(metrics: dict, row: dict, path: Path | None, rank: int, log: Callable) -> None:
-    """Append ``row`` to ``metrics``, print it on rank 0 and rewrite ``path`` there (atomically)."""
+def record_epoch(
+    metrics: dict,
+    row: dict,
+    path: str | Path | None,
+    rank: int,
+    log: Callable,
+    storage_options: dict[str, str] | None = None,
+) -> None:
+    """Append ``row`` to ``metrics``, print it on rank 0 and rewrite ``path`` there (atomically; a local
+    file or an ``s3://`` URI reached with ``storage_options``)."""
     metrics["epochs"].append(row)
     log(
         f"epoch {row['epoch']}: loss {row['train_loss']:.4f}, val acc {row['val_accuracy']:.2%} "
@@ -71,7 +87,7 @@ def record_epoch(metrics: dict, row: dict, path: Path | None, rank: int, log: Ca
         flush=True,
     )
     if rank == 0 and path:
-        write_json(path, metrics)
+        write_json(path, metrics, storage_options=storage_options)
 
 
 @contextlib.contextmanager

@@ -16,16 +16,28 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .checkpoint import checkpoint_name, load_latest, save_checkpoint, state_sha256
-from .engine import EpochTally, _unwrap
+from .checkpoint import (
+    CheckpointError,
+    checkpoint_name,
+    load_checkpoint,
+    load_latest,
+    save_checkpoint,
+    state_sha256,
+)
+from .distributed import StopRequest
+from .engine import EpochTally, TrainingDiverged, _unwrap
 from .faults import PAUSE_ENV
 from .reporting import _quiet, write_json
 
 
 def find_checkpoint(
-    directory: Path | None, rank: int, device: torch.device
-) -> tuple[Path | None, dict | None]:
-    """The newest complete checkpoint in ``directory``, chosen by rank 0 and loaded by every rank.
+    directory: str | Path | None,
+    rank: int,
+    device: torch.device,
+    storage_options: dict[str, str] | None = None,
+) -> tuple[str | Path | None, dict | None]:
+    """The newest complete checkpoint in ``directory`` (a local folder or an ``s3://`` prefix), chosen by
+    rank 0 and loaded by every rank.
 
     Rank 0 alone decides (as for dataset versions), so all ranks resume from the same file even if one
     checkpoint is damaged; each rank then loads it itself, onto its own device.
@@ -33,22 +45,57 @@ def find_checkpoint(
     Returns
     -------
     tuple
-        ``(path, state)``, or ``(None, None)`` without a directory or a readable checkpoint.
+        ``(path, state)``, or ``(None, None)`` without a directory or without any checkpoint in it.
+
+    Raises
+    ------
+    CheckpointError
+        On every rank, when ``directory`` holds checkpoints and none loads (:func:`load_latest`).
     """
     if directory is None:
         return None, None
     chosen: list = [None]
     state = None
     if rank == 0:
-        path, state = load_latest(directory, map_location=device)
-        chosen[0] = str(path) if path else None
+        try:
+            path, state = load_latest(directory, map_location=device, storage_options=storage_options)
+            chosen[0] = path
+        except CheckpointError as e:
+            chosen[0] = e
     if dist.is_initialized():
         dist.broadcast_object_list(chosen, src=0)
+    if isinstance(chosen[0], Exception):
+        raise chosen[0]
     if chosen[0] is None:
         return None, None
     if state is None:
-        state = torch.load(chosen[0], map_location=device, weights_only=True)
-    return Path(chosen[0]), state
+        state = load_checkpoint(chosen[0], map_location=device, storage_options=storage_options)
+    return chosen[0], state
+
+
+def pinned_versions(args: argparse.Namespace, path, state: dict | None) -> dict[str, int] | None:
+    """The dataset versions a resumed run reads: the checkpoint's, so the interrupted epoch's rows stay the
+    same; ``None`` without a checkpoint.
+
+    Raises
+    ------
+    CheckpointError
+        ``--version`` or ``--val-version`` asks for another version than the checkpoint was trained on;
+        silently reading the checkpoint's instead would ignore the command line (pytorch/examples#816).
+    """
+    if not state:
+        return None
+    saved = state["metrics"]["versions"]
+    for option, key, asked in (
+        ("--version", "train", args.version),
+        ("--val-version", "val", args.val_version),
+    ):
+        if asked is not None and asked != saved[key]:
+            raise CheckpointError(
+                f"{option} {asked} differs from version {saved[key]} of the {key} set that the checkpoint "
+                f"{path} was trained on: drop {option} to resume, or use another --checkpoint-dir"
+            )
+    return saved
 
 
 def rng_state() -> dict:
@@ -66,7 +113,8 @@ def set_rng_state(state: dict) -> None:
     """Restore what :func:`rng_state` saved (rank 0's generators, on every rank)."""
     random.setstate(state["python"])
     kind, keys, position, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else keys  # an array before commit f32d649
+    np.random.set_state((kind, np.asarray(keys).astype(np.uint32), position, has_gauss, gauss))
     torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
@@ -76,8 +124,20 @@ class Run:
     """What one run carries from step to step and into its checkpoints: the metrics so far, the epoch
     and step it is at, the epoch's :class:`EpochTally`, and where to save."""
 
-    def __init__(self, args: argparse.Namespace, rank: int, world: int, versions: dict, names: list[str]):
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        rank: int,
+        world: int,
+        versions: dict,
+        names: list[str],
+        stop: StopRequest | None = None,
+    ):
         self.args, self.rank, self.world = args, rank, world
+        self.storage_options = dict(getattr(args, "storage_option", None) or []) or None
+        self.stop = stop or StopRequest()
+        self.saved_at: tuple[int, int] | None = None  # (epoch, consumed) of the last checkpoint written
+        self.last_path: str | None = None  # where rank 0 wrote it
         self.metrics: dict = {
             "world_size": world,
             "model": args.model,
@@ -93,17 +153,30 @@ class Run:
         self.sample_log = os.environ.get("LANCE_COOKBOOK_SAMPLE_LOG")
         self.pause_at = os.environ.get(PAUSE_ENV)
 
-    def restore(self, path: Path, state: dict, model, optimizer, schedule, sampler) -> None:
-        """Load a checkpoint into the model, optimizer, schedule and sampler, and record the resume."""
-        if state["config"]["model"] != self.args.model:
-            raise ValueError(
-                f"the checkpoint {path} holds a {state['config']['model']!r} model, not {self.args.model!r}: "
+    def restore(self, path, state: dict, model, optimizer, schedule, sampler) -> None:
+        """Load a checkpoint into the model, optimizer, schedule and sampler, and record the resume.
+
+        ``--lr`` and ``--weight-decay`` given now win over the checkpoint's (:meth:`apply_command_line`).
+
+        Raises
+        ------
+        CheckpointError
+            The checkpoint holds another ``--model``, or its sampler another ``--seed``, ``--sampler``,
+            block size or dataset length: the run cannot continue it.
+        """
+        config = state["config"]
+        if config["model"] != self.args.model:
+            raise CheckpointError(
+                f"the checkpoint {path} holds a {config['model']!r} model, not {self.args.model!r}: "
                 "use another --checkpoint-dir, or the same --model"
             )
+        try:
+            sampler.load_state_dict(state["sampler"])
+        except ValueError as e:
+            raise CheckpointError(f"cannot resume from {path}: {e}") from None
         _unwrap(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
-        sampler.load_state_dict(state["sampler"])
         set_rng_state(state["rng"])
         self.metrics = {**state["metrics"], "world_size": self.world}
         self.epoch, self.step = state["sampler"]["epoch"], state["step"]
@@ -120,33 +193,93 @@ class Run:
             )
         self.log(
             f"resumed from {path} at epoch {self.epoch}, step {self.step} ({consumed} samples of the epoch "
-            f"done, saved by {state['config']['world_size']} process(es), now {self.world})",
+            f"done, saved by {config['world_size']} process(es), now {self.world})",
             flush=True,
         )
+        self.apply_command_line(optimizer, schedule)
 
-    def save(self, model, optimizer, schedule, sampler, consumed: int, step: int, device) -> None:
-        """All ranks: fold the epoch's sums; rank 0 writes the checkpoint."""
+    def apply_command_line(self, optimizer, schedule) -> list[str]:
+        """Give a restored optimizer and schedule this command line's ``--lr`` (the one-cycle peak) and
+        ``--weight-decay``, and say so in one line when they differ from the checkpoint's.
+
+        The checkpoint's values silently won before (t3-ckpt-resume-ignores-lr, pytorch/examples#816). The
+        schedule stays at the saved training progress, now with the new peak. These are the only
+        hyperparameters a checkpoint restores over the command line; the others either apply as given
+        (``--epochs``, ``--batch-size``, ``--image-size``, ``--augment``, ``--amp``) or are refused when they
+        differ (``--model``, ``--seed``, ``--sampler``, ``--block-size``, ``--version``: they change what is
+        being resumed).
+
+        Returns
+        -------
+        list of str
+            The changes, e.g. ``["--lr 0.3 (was 0.003)"]``; empty when the values agree.
+        """
+        changes = []
+        if schedule.max_lr != self.args.lr:
+            changes.append(f"--lr {self.args.lr:g} (was {schedule.max_lr:g})")
+            schedule.max_lr = self.args.lr
+            schedule.set_progress(schedule.progress)
+        saved = sorted({group["weight_decay"] for group in optimizer.param_groups})
+        if saved != [self.args.weight_decay]:
+            changes.append(
+                f"--weight-decay {self.args.weight_decay:g} (was {', '.join(f'{w:g}' for w in saved)})"
+            )
+            for group in optimizer.param_groups:
+                group["weight_decay"] = self.args.weight_decay
+        if changes:
+            self.log(
+                f"resuming with the command line's {' and '.join(changes)} instead of the checkpoint's: the "
+                f"learning-rate schedule continues at progress {schedule.progress:.3f} with the new values",
+                flush=True,
+            )
+        return changes
+
+    def save(
+        self, model, optimizer, schedule, sampler, consumed: int, step: int, device
+    ) -> str | Path | None:
+        """All ranks: fold the epoch's sums; rank 0 writes the checkpoint and returns its path or URI as a
+        string (others: None).
+
+        Raises
+        ------
+        TrainingDiverged
+            On every rank, when a weight or buffer is NaN or infinite: such a checkpoint would replace a
+            good one (only two are kept) with one nothing can resume from (t3-train-nan-loss-unnoticed).
+        """
+        weights = _unwrap(model).state_dict()
+        bad = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise TrainingDiverged(
+                f"not saving the checkpoint of epoch {sampler.epoch}, step {step}: {len(bad)} tensor(s) hold "
+                f"NaN or infinite values ({', '.join(bad[:3])}); lower --lr"
+            )
         sums = self.tally.fold(device)
-        if self.rank == 0:
-            state = {
-                "model": _unwrap(model).state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "schedule": schedule.state_dict(),
-                "sampler": sampler.state_dict(consumed),
-                "step": 0 if consumed >= sampler.total_size else step,
-                "sums": EpochTally().carried if consumed >= sampler.total_size else sums,
-                "metrics": self.metrics,
-                "rng": rng_state(),
-                "config": {"model": self.args.model, "world_size": self.world, "seed": self.args.seed},
-            }
-            epoch, done = state["sampler"]["epoch"], state["sampler"]["consumed"]
-            save_checkpoint(state, self.args.checkpoint_dir, checkpoint_name(epoch, done))
+        epoch_done = consumed >= sampler.total_size
+        self.saved_at = (sampler.epoch, consumed)
+        if self.rank != 0:
+            return None
+        state = {
+            "model": weights,
+            "optimizer": optimizer.state_dict(),
+            "schedule": schedule.state_dict(),
+            "sampler": sampler.state_dict(consumed),
+            "step": 0 if epoch_done else step,
+            "sums": EpochTally().carried if epoch_done else sums,
+            "metrics": self.metrics,
+            "rng": rng_state(),
+            "config": {"model": self.args.model, "world_size": self.world, "seed": self.args.seed},
+        }
+        epoch, done = state["sampler"]["epoch"], state["sampler"]["consumed"]
+        name = checkpoint_name(epoch, done)
+        saved = save_checkpoint(state, self.args.checkpoint_dir, name, storage_options=self.storage_options)
+        self.last_path = str(saved)
+        return self.last_path
 
     def finish(self, model: nn.Module) -> dict:
         """Add the final model's hash to the metrics, write them (rank 0) and return them."""
         self.metrics["final_state_sha256"] = state_sha256(_unwrap(model))
         if self.rank == 0 and self.args.metrics_out:
-            write_json(self.args.metrics_out, self.metrics)
+            write_json(self.args.metrics_out, self.metrics, storage_options=self.storage_options)
         return self.metrics
 
     def after_step_hook(self, model, optimizer, schedule, sampler, device) -> Callable[[int], None]:
@@ -166,7 +299,7 @@ class Run:
                             "index": order[p],
                             "world": self.world,
                         }
-                        f.write(json.dumps(record) + "\n")
+                        f.write(json.dumps(record, allow_nan=False) + "\n")
             step = self.step + done
             if self.args.checkpoint_dir and every > 0 and step % every == 0 and done < full:
                 consumed = sampler.consumed(done, b)
@@ -175,10 +308,12 @@ class Run:
                     self.log(f"paused after the checkpoint of epoch {sampler.epoch}, step {step}", flush=True)
                     # a test or the chapter kills a rank here and torchrun then stops the others; should the
                     # launcher itself die first (a failed test, an interrupted cell), leave instead of
-                    # sleeping for ever as an orphan
+                    # sleeping for ever as an orphan; a SIGTERM (a preemption test) ends the pause too, and
+                    # the run stops after the next step
                     launcher = os.getppid()
-                    while os.getppid() == launcher:
-                        time.sleep(1)
-                    raise SystemExit("the launcher is gone: leaving the pause")
+                    while os.getppid() == launcher and not self.stop.requested:
+                        time.sleep(0.1)
+                    if not self.stop.requested:
+                        raise SystemExit("the launcher is gone: leaving the pause")
 
         return after_step

@@ -4,16 +4,20 @@ loaders, and the model, optimizer and schedule."""
 from __future__ import annotations
 
 import argparse
+import json
 
 import lance
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import Dataset, Sampler
 
 from .block_sampler import BlockShuffleSampler
-from .collate import ImageCollate
+from .collate import AUGMENT_SEED, ImageCollate, augment_seed
 from .dataset import EmptyDataset, label_names, open_dataset
-from .distributed import agreed_versions
+from .distributed import agreed_versions, ignore_sigterm
 from .loader import make_loader
 from .models import build_model
 from .sampler import ResumableDistributedSampler, ShardSampler
@@ -29,8 +33,51 @@ def require_rows(dataset, role: str) -> None:
         )
 
 
+# The most classes a model is built for. label_names comes with the data and is not checked by anyone else: a
+# corrupt or hostile list of 2,000,000 names made a 7.6 GB model for a 10-class dataset
+# (t3-train-label-names-mismatch). ImageNet-21k has 21,841 classes.
+MAX_CLASSES = 100_000
+
+
+class LabelError(ValueError):
+    """A dataset whose ``label_names`` metadata or ``label`` column cannot size a model; the message names the
+    dataset and the fault."""
+
+
+def checked_label_names(dataset) -> list[str]:
+    """The dataset's stored ``label_names`` (:func:`lance_cookbook.dataset.label_names`), refused unless it
+    is a JSON list of at most ``MAX_CLASSES`` strings; ``[]`` when it stores none.
+
+    Raises
+    ------
+    LabelError
+        The metadata is not JSON, not a list of strings (another tool wrote ``"cat,dog,eel"``, whose
+        ``len`` counted characters: t3-train-label-names-mismatch), or longer than ``MAX_CLASSES``.
+    """
+    where = f"{dataset.uri!r} (version {dataset.version})"
+    try:
+        names = label_names(dataset.uri, **dataset.dataset_options)
+    except json.JSONDecodeError as e:
+        raise LabelError(f"the label_names metadata of {where} is not JSON ({e})") from None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        shown = json.dumps(names)
+        raise LabelError(
+            f"the label_names metadata of {where} is not a JSON list of class names: "
+            f"{shown[:80]}{'...' if len(shown) > 80 else ''}; rewrite it as a list of strings in class-index "
+            "order"
+        )
+    if len(names) > MAX_CLASSES:
+        raise LabelError(
+            f"the label_names metadata of {where} names {len(names):,} classes, more than the "
+            f"{MAX_CLASSES:,} a model is built for here; check where this metadata came from"
+        )
+    return names
+
+
 def count_classes(dataset) -> int:
-    """The number of classes of ``dataset``: its stored ``label_names``, else the largest label + 1.
+    """The number of outputs the model needs for ``dataset``: ``len(label_names)`` when the dataset stores
+    names (classes without rows in this split included), else the largest label + 1; checked against the
+    ``label`` column (read alone, which is cheap in Lance) before any training.
 
     Parameters
     ----------
@@ -40,13 +87,39 @@ def count_classes(dataset) -> int:
     Returns
     -------
     int
-        At least 1.
+        At least 1, at most ``MAX_CLASSES``.
+
+    Raises
+    ------
+    LabelError
+        ``label_names`` is refused by :func:`checked_label_names`; the label column is missing, not of an
+        integer type, has nulls or negative values; a label is not covered by ``label_names`` (rows of new
+        classes appended without updating the metadata gave a bare "IndexError: Target 6 is out of bounds"
+        mid-epoch: ultralytics#4514); or the largest label exceeds ``MAX_CLASSES``.
     """
-    names = label_names(dataset.uri, **dataset.dataset_options)
-    if names:
-        return len(names)
-    labels = lance.dataset(dataset.uri, **dataset.dataset_options).to_table(columns=["label"])["label"]
-    return max(1, int(labels.to_numpy().max()) + 1)
+    names = checked_label_names(dataset)
+    where = f"{dataset.uri!r} (version {dataset.version})"
+    try:
+        labels = lance.dataset(dataset.uri, **dataset.dataset_options).to_table(columns=["label"])["label"]
+    except (KeyError, ValueError, OSError) as e:
+        raise LabelError(f"cannot read the label column of {where}: {e}") from None
+    if not pa.types.is_integer(labels.type):
+        raise LabelError(f"the label column of {where} is {labels.type}, not integer class indices")
+    if labels.null_count:
+        raise LabelError(f"the label column of {where} has {labels.null_count} rows without a label")
+    bounds = pc.min_max(labels)
+    low, high = bounds["min"].as_py() or 0, bounds["max"].as_py() or 0
+    if low < 0:
+        raise LabelError(f"the label column of {where} holds {low}: class indices start at 0")
+    if names and high >= len(names):
+        raise LabelError(
+            f"the labels of {where} go up to {high} but its label_names names {len(names)} classes "
+            f"({', '.join(names[:5])}{', ...' if len(names) > 5 else ''}): rows of other classes were added "
+            "without updating label_names; rewrite label_names to cover every label"
+        )
+    if high >= MAX_CLASSES:
+        raise LabelError(f"the labels of {where} go up to {high:,}: more classes than {MAX_CLASSES:,}")
+    return len(names) if names else max(1, high + 1)
 
 
 def open_datasets(args: argparse.Namespace, rank: int, pinned: dict[str, int] | None = None):
@@ -72,10 +145,56 @@ def open_datasets(args: argparse.Namespace, rank: int, pinned: dict[str, int] | 
     return train_ds, val_ds, versions
 
 
+class _EpochPositions(Sampler):
+    """A training sampler (:class:`ResumableSampler`) that yields ``(epoch, position, index)`` instead of
+    ``index``, ``position`` being the sample's place in the epoch's global order; every other attribute is
+    the wrapped sampler's. With :class:`_SeededRows` it gives each sample its own augmentation seed."""
+
+    def __init__(self, sampler):
+        self.sampler = sampler
+
+    def __getattr__(self, name: str):
+        if name == "sampler":  # not set yet (copy, unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.sampler, name)
+
+    def __iter__(self):
+        epoch = self.sampler.epoch
+        pairs = zip(self.sampler.positions(), self.sampler, strict=True)
+        return ((epoch, position, index) for position, index in pairs)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+class _SeededRows(Dataset):
+    """Reads the rows of ``(epoch, position, index)`` keys from ``dataset`` and adds to each its
+    ``AUGMENT_SEED`` (:func:`lance_cookbook.collate.augment_seed` of ``seed``, epoch and position), so the
+    collate crops and flips it the same way in an uninterrupted and in a resumed run
+    (t3-ckpt-augment-resume-differs). Pickles with its dataset (cheaply) to the workers."""
+
+    def __init__(self, dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitems__(self, keys: list[tuple[int, int, int]]):
+        rows = self.dataset.__getitems__([index for _, _, index in keys])
+        for row, (epoch, position, _) in zip(rows, keys, strict=True):
+            row[AUGMENT_SEED] = augment_seed(self.seed, epoch, position)
+        return rows
+
+
 def build_loaders(args: argparse.Namespace, train_ds, val_ds, rank: int, world: int):
     """The training loader (:class:`ResumableDistributedSampler`, or :class:`BlockShuffleSampler` with
     ``--sampler block``; both resume mid-epoch) and the exactly-once evaluation loader
     (:class:`ShardSampler`), both decoding to uint8 in their workers.
+
+    With ``--augment`` each training sample's crop and flip come from a seed of (``--seed``, epoch,
+    position in the epoch), not from the workers' generators, so a resumed run is bit-identical to an
+    uninterrupted one. The workers ignore SIGTERM (:func:`lance_cookbook.distributed.ignore_sigterm`), so a
+    preempted rank can finish its step.
 
     Returns
     -------
@@ -93,6 +212,8 @@ def build_loaders(args: argparse.Namespace, train_ds, val_ds, rank: int, world: 
         sampler = ResumableDistributedSampler(
             train_ds, num_replicas=world, rank=rank, shuffle=True, seed=args.seed
         )
+    if args.augment:
+        train_ds, sampler = _SeededRows(train_ds, args.seed), _EpochPositions(sampler)
     train_loader = make_loader(
         train_ds,
         batch_size=args.batch_size,
@@ -101,6 +222,7 @@ def build_loaders(args: argparse.Namespace, train_ds, val_ds, rank: int, world: 
         collate_fn=ImageCollate(
             args.image_size, train=args.augment, decoder="torchvision", dtype=torch.uint8
         ),
+        worker_init_fn=ignore_sigterm,
     )
     val_loader = make_loader(
         val_ds,
@@ -108,6 +230,7 @@ def build_loaders(args: argparse.Namespace, train_ds, val_ds, rank: int, world: 
         num_workers=args.workers,
         sampler=ShardSampler(val_ds, num_replicas=world, rank=rank),
         collate_fn=ImageCollate(args.image_size, train=False, decoder="torchvision", dtype=torch.uint8),
+        worker_init_fn=ignore_sigterm,
     )
     return train_loader, val_loader
 
