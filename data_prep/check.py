@@ -10,6 +10,8 @@ from __future__ import annotations
 import io
 import signal
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from PIL import Image, ImageFile, JpegImagePlugin, UnidentifiedImageError
 
@@ -17,8 +19,10 @@ __all__ = [
     "ConversionError",
     "InvalidImage",
     "ParameterError",
+    "apply_pil_settings",
     "check_image",
     "check_items",
+    "image_pixel_limit",
     "init_worker",
     "pil_settings",
     "read_image",
@@ -55,7 +59,9 @@ def check_image(data: bytes, where: str) -> tuple[int, int]:
 
     Opens the image with PIL, runs ``verify()`` (checksums, structure) and then really decodes it,
     at 1/8 scale for JPEG (libjpeg's DCT scaling keeps this cheap), which is what catches truncated files.
-    Images with more pixels than ``PIL.Image.MAX_IMAGE_PIXELS`` are refused as decompression bombs.
+    Images with more pixels than ``PIL.Image.MAX_IMAGE_PIXELS`` are refused as decompression bombs (PIL
+    itself only warns up to twice that: refusing at the limit keeps a genuine bomb such as
+    dataset-viewer#1192's 90-MP PNG of 11 KB out; :func:`image_pixel_limit` raises it for a conversion).
     """
     if not data:
         raise InvalidImage(where, "empty file (0 bytes)")
@@ -99,6 +105,26 @@ def _refuse_bomb(width: int, height: int, where: str) -> None:
             f"decompression bomb: {width}x{height} = {width * height:,} pixels is more than "
             f"PIL.Image.MAX_IMAGE_PIXELS ({limit:,})",
         )
+
+
+@contextmanager
+def image_pixel_limit(max_pixels: int | None) -> Iterator[None]:
+    """Set ``PIL.Image.MAX_IMAGE_PIXELS`` to ``max_pixels`` (width x height) for the block, then restore it;
+    ``None`` leaves it as it is.
+
+    The one setting both checks read: :func:`check_image` refuses images above it, and PIL's own guard,
+    which refuses at twice it, never refuses first. Checking workers copy it (:func:`pil_settings`). It is
+    process-wide: two conversions in one process at once must not ask for different limits. Why an option:
+    a 100-MP camera photo is above PIL's default (89.5 MP), and a command-line user had no way to raise it
+    (TagStudio#164, the t3-conv-100mp-photo-refused report).
+    """
+    previous = Image.MAX_IMAGE_PIXELS
+    if max_pixels is not None:
+        Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
 
 
 def _check_jpeg(data: bytes) -> tuple[int, int] | None:
@@ -171,7 +197,13 @@ def init_worker(settings: dict) -> None:
     and a worker dying of KeyboardInterrupt would only turn that into a broken pool and a traceback.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    Image.MAX_IMAGE_PIXELS = settings["max_image_pixels"]
-    ImageFile.LOAD_TRUNCATED_IMAGES = settings["load_truncated_images"]
+    apply_pil_settings(settings)
     # check_image refuses such images with its own message; the warning would only add noise
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+
+
+def apply_pil_settings(settings: dict) -> None:
+    """Make this process's PIL accept what the process that took ``settings`` (:func:`pil_settings`) does:
+    a checking worker process, or a Ray task on another node."""
+    Image.MAX_IMAGE_PIXELS = settings["max_image_pixels"]
+    ImageFile.LOAD_TRUNCATED_IMAGES = settings["load_truncated_images"]

@@ -35,7 +35,7 @@ from PIL import Image
 from lance_cookbook.cli import add_storage_option_argument
 from lance_cookbook.disk_usage import dir_bytes
 
-from .check import ConversionError, InvalidImage, ParameterError
+from .check import ConversionError, InvalidImage, ParameterError, image_pixel_limit
 from .pool import checked_batches
 from .sources import IMAGE_EXTENSIONS, Source, digits_source, open_source, printable, shuffled
 
@@ -136,6 +136,7 @@ def convert(
     engine: str = "local",
     ray_connect_timeout_s: float = RAY_CONNECT_TIMEOUT_S,
     shuffle: int | None = None,
+    max_image_pixels: int | None = None,
 ) -> Summary:
     """Convert ``source`` (a spec string or a :class:`~data_prep.sources.Source`) into a Lance dataset at
     ``output``.
@@ -178,6 +179,13 @@ def convert(
         stays flat. ``id`` is the row's position in the dataset, as without shuffling; ``source`` names
         the file or row it came from. With ``max_rows``, the first valid rows of the shuffled order: a
         random subset.
+    max_image_pixels : int, optional
+        Largest image accepted, in pixels (width x height); larger ones are invalid ("decompression
+        bomb"). Default: ``PIL.Image.MAX_IMAGE_PIXELS`` (89,478,485 unless changed). A 100-MP camera photo
+        needs more (TagStudio#164, the t3-conv-100mp-photo-refused report). Sets
+        ``PIL.Image.MAX_IMAGE_PIXELS`` for the duration of the call
+        (:func:`data_prep.check.image_pixel_limit`): the checks on this machine, in worker processes and in
+        Ray tasks all follow it.
 
     Returns
     -------
@@ -194,7 +202,13 @@ def convert(
         existing dataset keeps its previous version as the latest, and no worker process or thread of ours
         is running. What could not be deleted is named in the exception's notes.
     """
-    _check_parameters(max_rows=max_rows, rows_per_file=rows_per_file, batch_rows=batch_rows, workers=workers)
+    _check_parameters(
+        max_rows=max_rows,
+        rows_per_file=rows_per_file,
+        batch_rows=batch_rows,
+        workers=workers,
+        max_image_pixels=max_image_pixels,
+    )
     if engine not in ("local", "ray"):
         raise ParameterError(f"unknown {{name}} {engine!r} (choose local or ray)", "engine", "--engine")
     # Imported here: the checking workers of data_prep.pool import the command's module (this one, under
@@ -214,54 +228,58 @@ def convert(
     start = time.perf_counter()
     description = printable(src.description)  # a terminal line: hf:NAME or a folder's name can hold anything
     bar = tqdm(total=src.total, unit="img", desc=f"converting {description}", disable=not progress)
-    try:
-        dest.prepare()
-        if engine == "ray":
-            from .ray_engine import write_fragments_ray
+    # PIL's pixel limit, for the checks here and in every worker (copied from this process's PIL)
+    with image_pixel_limit(max_image_pixels):
+        try:
+            dest.prepare()
+            if engine == "ray":
+                from .ray_engine import write_fragments_ray
 
-            fragments = write_fragments_ray(
-                src.records,
-                dest.target,
-                mode=dest.mode,
-                rows_per_file=rows_per_file,
-                storage_options=storage_options,
-                block_rows=batch_rows,
-                max_rows=max_rows,
-                skip_invalid=skip_invalid,
-                skipped=skipped,
-                stats=stats,
-                progress=bar,
-                description=src.description,
-                connect_timeout_s=ray_connect_timeout_s,
+                fragments = write_fragments_ray(
+                    src.records,
+                    dest.target,
+                    mode=dest.mode,
+                    rows_per_file=rows_per_file,
+                    storage_options=storage_options,
+                    block_rows=batch_rows,
+                    max_rows=max_rows,
+                    skip_invalid=skip_invalid,
+                    skipped=skipped,
+                    stats=stats,
+                    progress=bar,
+                    description=src.description,
+                    connect_timeout_s=ray_connect_timeout_s,
+                )
+            else:
+                fragments = _write_local(
+                    src, dest, max_rows, rows_per_file, skip_invalid, workers, batch_rows, skipped, stats, bar
+                )
+            info = {
+                "source": src.description,
+                "skipped": skipped,
+                "unlabelled": stats["labels"][-1],
+                "warnings": src.warnings,
+            }
+            ds = dest.commit(
+                fragments, dataset_metadata(src.label_names, info), sum(stats["labels"].values())
             )
-        else:
-            fragments = _write_local(
-                src, dest, max_rows, rows_per_file, skip_invalid, workers, batch_rows, skipped, stats, bar
-            )
-        info = {
-            "source": src.description,
-            "skipped": skipped,
-            "unlabelled": stats["labels"][-1],
-            "warnings": src.warnings,
-        }
-        ds = dest.commit(fragments, dataset_metadata(src.label_names, info), sum(stats["labels"].values()))
-        seconds = time.perf_counter() - start
-    except BaseException as e:
-        left = dest.abandon()  # even after a second Ctrl-C: runs before the exception leaves
-        if left:
-            e.add_note(
-                f"{len(left)} file(s) this run wrote under {uri} could not be deleted: "
-                + ", ".join(left[:3])
-                + (" ..." if len(left) > 3 else "")
-                + " (delete them with your store's tools; no version refers to them)"
-            )
-        refused = store_error(uri, e, "write")
-        if refused is not None:
-            refused.__notes__ = getattr(e, "__notes__", [])
-            raise refused from None
-        raise
-    finally:
-        bar.close()
+            seconds = time.perf_counter() - start
+        except BaseException as e:
+            left = dest.abandon()  # even after a second Ctrl-C: runs before the exception leaves
+            if left:
+                e.add_note(
+                    f"{len(left)} file(s) this run wrote under {uri} could not be deleted: "
+                    + ", ".join(left[:3])
+                    + (" ..." if len(left) > 3 else "")
+                    + " (delete them with your store's tools; no version refers to them)"
+                )
+            refused = store_error(uri, e, "write")
+            if refused is not None:
+                refused.__notes__ = getattr(e, "__notes__", [])
+                raise refused from None
+            raise
+        finally:
+            bar.close()
     return Summary(
         output=uri,
         rows=ds.count_rows(),
@@ -389,6 +407,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="write the rows in a random order drawn from SEED (the same seed, the same order); the id "
         "column numbers rows as written, the source column names each row's file (default: source order)",
     )
+    p.add_argument(
+        "--max-image-pixels",
+        type=int,
+        metavar="N",
+        help="largest image accepted, in pixels (width x height); larger ones are refused as decompression "
+        "bombs, or skipped with --skip-invalid. A 100-megapixel camera photo needs e.g. 120000000 "
+        f"(default: PIL.Image.MAX_IMAGE_PIXELS, {Image.MAX_IMAGE_PIXELS:,})",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown)")
     p.add_argument(
         "--summary-json",
@@ -422,10 +448,14 @@ def main(argv: list[str] | None = None) -> int:
                 engine=args.engine,
                 ray_connect_timeout_s=args.ray_connect_timeout,
                 shuffle=args.shuffle,
+                max_image_pixels=args.max_image_pixels,
             )
     except ConversionError as e:
         message = e.cli_message if isinstance(e, ParameterError) else str(e)
-        hint = " (pass --skip-invalid to skip such files)" if isinstance(e, InvalidImage) else ""
+        hint = ""
+        if isinstance(e, InvalidImage):
+            larger = "pass --max-image-pixels N to accept larger images, or " if _is_bomb(e) else "pass "
+            hint = f" ({larger}--skip-invalid to skip such files)"
         # One line, whatever a file name, a library's message or an argument holds (bat#3691)
         print(printable(f"error: {message}{hint}; {_what_was_left(e, args.output)}"), file=sys.stderr)
         return 2
@@ -440,6 +470,10 @@ def main(argv: list[str] | None = None) -> int:
         os.replace(tmp, args.summary_json)  # a reader never sees half a file
     print(summary)
     return 0
+
+
+def _is_bomb(error: InvalidImage) -> bool:
+    return error.reason.startswith("decompression bomb")
 
 
 def _what_was_left(error: BaseException, output: str) -> str:

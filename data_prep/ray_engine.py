@@ -34,8 +34,9 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import pyarrow as pa
+from PIL import Image
 
-from .check import ConversionError, InvalidImage
+from .check import ConversionError, InvalidImage, apply_pil_settings, pil_settings
 from .pool import checked_records
 from .sources import Record
 from .write import SCHEMA, record_invalid
@@ -46,15 +47,21 @@ __all__ = ["connect", "write_fragments_ray"]
 FRAGMENT_BYTES = 256 * 1024 * 1024
 
 
-def _check_block(records: list[Record]) -> tuple[list[Any], pa.RecordBatch]:
-    """Check ``records``; return ``(outcomes, valid_rows)``.
+def _check_block(records: list[Record], settings: dict) -> tuple[list[Any], pa.RecordBatch]:
+    """Check ``records`` with the driver's PIL ``settings`` (:func:`data_prep.check.pil_settings`: its pixel
+    limit, so a node accepts what the local path would); return ``(outcomes, valid_rows)``.
 
     ``outcomes[i]`` is ``(label, n_bytes)`` for a valid record and ``(where, reason)`` strings for an invalid
     one; ``valid_rows`` holds the valid records in order (``id`` is set later by the writer).
     """
+    apply_pil_settings(settings)
     outcomes: list[Any] = []
     cols: dict[str, list] = {f.name: [] for f in SCHEMA}
-    for record, data, result in checked_records(records):
+    with warnings.catch_warnings():
+        # the check refuses an image over the limit with its own message; PIL's warning below it is noise
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        checked = checked_records(records)
+    for record, data, result in checked:
         if isinstance(result, InvalidImage):
             outcomes.append((result.where, result.reason))
             continue
@@ -207,6 +214,7 @@ def write_fragments_ray(
     started = connect(connect_timeout_s)
     try:
         check = ray.remote(_check_block).options(num_returns=2)
+        settings = pil_settings()
         write = ray.remote(_write_rows)
         if max_in_flight is None:
             max_in_flight = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
@@ -238,7 +246,7 @@ def write_fragments_ray(
                     if block is None:
                         exhausted = True
                     else:
-                        checking.append((len(block), *check.remote(block)))
+                        checking.append((len(block), *check.remote(block, settings)))
                 if not checking:
                     break
                 n, outcomes_ref, rows_ref = checking.popleft()
