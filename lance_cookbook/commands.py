@@ -13,11 +13,16 @@ import sys
 import threading
 from collections.abc import Mapping, Sequence
 
+from .start_method import end_with_parent
+
 __all__ = ["start_command", "run_command"]
 
 
 def start_command(cmd: Sequence[str], env: Mapping[str, str] | None = None) -> subprocess.Popen:
     """Start ``cmd`` with its stdout and stderr, merged, echoed to this process's stdout by a thread.
+
+    The command gets SIGTERM if this process dies (:func:`lance_cookbook.start_method.end_with_parent`): a
+    killed notebook kernel leaves no launcher or conversion running.
 
     Parameters
     ----------
@@ -34,7 +39,7 @@ def start_command(cmd: Sequence[str], env: Mapping[str, str] | None = None) -> s
     """
     proc = subprocess.Popen(
         list(cmd), env=None if env is None else dict(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True, errors="replace", bufsize=1,
+        text=True, errors="replace", bufsize=1, preexec_fn=end_with_parent(),
     )  # fmt: skip
 
     def echo() -> None:

@@ -254,3 +254,34 @@ def test_job_processes_finds_a_marked_child_and_not_an_unmarked_one():
             p.kill()
             p.wait()
     assert wait_until_job_gone(marker, give_up_s=5) >= 0
+
+
+LAUNCHER = """
+import sys
+from lance_cookbook.commands import start_command
+proc = start_command([sys.executable, "-c", "import time; print('child', flush=True); time.sleep(600)"])
+print("started", proc.pid, flush=True)
+sys.stdin.read()  # until killed
+"""
+
+
+@linux_only
+def test_a_command_started_from_a_killed_notebook_ends_with_it():
+    """start_command's child (a torchrun launcher, a conversion) gets SIGTERM when the kernel that started it
+    is SIGKILLed, instead of running on reparented to init."""
+    marker = job_env()
+    kernel = subprocess.Popen(
+        [sys.executable, "-c", LAUNCHER], env=child_env(**marker), text=True,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        lines = [kernel.stdout.readline() for _ in range(2)]
+        assert sorted(line.split()[0] for line in lines) == ["child", "started"], lines
+        assert len(job_processes(marker)) == 2
+        kernel.kill()
+        kernel.wait()
+        wait_until_job_gone(marker, give_up_s=30)
+    finally:
+        kernel.kill()
+        for p in job_processes(marker):
+            p.kill()

@@ -31,9 +31,12 @@ def _child_env() -> dict[str, str]:
 
 def _peak_rss(cmd: list[str]) -> tuple[subprocess.CompletedProcess, int]:
     """Run ``cmd``; return its completed process and its peak resident bytes, sampled every 10 ms."""
+    from ..start_method import end_with_parent
     from .measure import PeakRSS
 
-    proc = subprocess.Popen(cmd, env=_child_env(), stdout=subprocess.PIPE, stderr=None, text=True)
+    proc = subprocess.Popen(
+        cmd, env=_child_env(), stdout=subprocess.PIPE, stderr=None, text=True, preexec_fn=end_with_parent()
+    )
     # Sampled from here: the child's own getrusage peak would not do, as Linux keeps in it the peak of the
     # process image it was forked from (this one, torch loaded) across exec. Popen returns after the exec.
     try:
