@@ -10,8 +10,9 @@ skipped.
 
 Every image is checked (``data_prep.check``: PIL open + verify + a decode at reduced scale) before it is
 written, in parallel (``data_prep.pool``, or Ray tasks with ``--engine ray``: ``data_prep.ray_engine``).
-Rows are streamed into Lance batch by batch, so memory stays flat however large the source is, and become a
-dataset in one atomic commit (``data_prep.write``): a failed or interrupted run leaves the previous version
+Rows are streamed into Lance batch by batch (at most ``--batch-rows`` rows and ``--batch-mib`` MiB of images
+each), so memory stays flat however large the source or its images are, and become a dataset in one atomic
+commit (``data_prep.write``): a failed or interrupted run leaves the previous version
 readable and nothing partial at ``--output``.
 """
 
@@ -36,7 +37,7 @@ from lance_cookbook.cli import add_storage_option_argument
 from lance_cookbook.disk_usage import dir_bytes
 
 from .check import ConversionError, InvalidImage, ParameterError, image_pixel_limit
-from .pool import checked_batches
+from .pool import BATCH_BYTES, checked_batches
 from .sources import IMAGE_EXTENSIONS, Source, digits_source, open_source, printable, shuffled
 
 if TYPE_CHECKING:  # for type checkers and linters; at run time __getattr__ imports it (it loads Lance)
@@ -131,6 +132,7 @@ def convert(
     label_column: str | None = None,
     storage_options: dict[str, str] | None = None,
     batch_rows: int = 512,
+    batch_bytes: int = BATCH_BYTES,
     workers: int | None = None,
     progress: bool = True,
     engine: str = "local",
@@ -161,7 +163,11 @@ def convert(
     storage_options : dict of str, optional
         Lance's object-store options (``docs/scale.md``).
     batch_rows : int
-        Rows per record batch streamed to Lance (per Ray task with ``engine="ray"``).
+        Most rows per record batch streamed to Lance (per Ray task with ``engine="ray"``).
+    batch_bytes : int
+        Most bytes of images per batch (default 32 MiB; a larger image makes a batch alone). A batch is
+        held in memory while it is checked and turned into Arrow, so this, not ``batch_rows``, bounds
+        memory for large photos (datasets#741, the t3-conv-large-images-memory report).
     workers : int, optional
         Checks at once (default: the usable CPUs); worker processes for large sources (``data_prep.pool``).
     progress : bool
@@ -206,6 +212,7 @@ def convert(
         max_rows=max_rows,
         rows_per_file=rows_per_file,
         batch_rows=batch_rows,
+        batch_bytes=batch_bytes,
         workers=workers,
         max_image_pixels=max_image_pixels,
     )
@@ -242,6 +249,7 @@ def convert(
                     rows_per_file=rows_per_file,
                     storage_options=storage_options,
                     block_rows=batch_rows,
+                    block_bytes=batch_bytes,
                     max_rows=max_rows,
                     skip_invalid=skip_invalid,
                     skipped=skipped,
@@ -251,8 +259,9 @@ def convert(
                     connect_timeout_s=ray_connect_timeout_s,
                 )
             else:
+                batches = (batch_rows, batch_bytes)
                 fragments = _write_local(
-                    src, dest, max_rows, rows_per_file, skip_invalid, workers, batch_rows, skipped, stats, bar
+                    src, dest, max_rows, rows_per_file, skip_invalid, workers, batches, skipped, stats, bar
                 )
             info = {
                 "source": src.description,
@@ -294,13 +303,16 @@ def convert(
     )
 
 
-def _write_local(src, dest, max_rows, rows_per_file, skip_invalid, workers, batch_rows, skipped, stats, bar):
+def _write_local(src, dest, max_rows, rows_per_file, skip_invalid, workers, batches, skipped, stats, bar):
     """Check ``src``'s records on this machine and write them as data files at ``dest``; return the
     fragments, uncommitted. On failure, the checking pool is stopped before this returns."""
     from .write import record_batches, write_stream
 
     expected = src.total if max_rows is None or src.total is None else min(src.total, max_rows)
-    checked, pool = checked_batches(src.records, batch_rows=batch_rows, workers=workers, expected=expected)
+    batch_rows, batch_bytes = batches
+    checked, pool = checked_batches(
+        src.records, batch_rows=batch_rows, batch_bytes=batch_bytes, workers=workers, expected=expected
+    )
     batches = record_batches(checked, max_rows, skip_invalid, skipped, stats, bar, src.description)
     try:
         return write_stream(
@@ -398,7 +410,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=512,
         metavar="N",
-        help="rows per record batch streamed to Lance, or per Ray task (default: 512)",
+        help="most rows per record batch streamed to Lance, or per Ray task (default: 512)",
+    )
+    p.add_argument(
+        "--batch-mib",
+        type=_positive_int,
+        metavar="MIB",
+        help="most MiB of images per batch; a batch is held in memory while it is checked and written, so "
+        f"this bounds memory for large photos (default: {BATCH_BYTES >> 20})",
     )
     p.add_argument(
         "--shuffle",
@@ -443,6 +462,7 @@ def main(argv: list[str] | None = None) -> int:
                 label_column=args.label_column,
                 storage_options=dict(args.storage_option) or None,
                 batch_rows=args.batch_rows,
+                batch_bytes=BATCH_BYTES if args.batch_mib is None else args.batch_mib << 20,
                 workers=args.workers,
                 progress=not args.no_progress,
                 engine=args.engine,
@@ -470,6 +490,13 @@ def main(argv: list[str] | None = None) -> int:
         os.replace(tmp, args.summary_json)  # a reader never sees half a file
     print(summary)
     return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _is_bomb(error: InvalidImage) -> bool:

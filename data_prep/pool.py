@@ -24,7 +24,16 @@ from lance_cookbook.start_method import lance_safe_context
 from .check import ConversionError, InvalidImage, check_items, init_worker, pil_settings
 from .sources import Record
 
-__all__ = ["CheckPool", "Checked", "checked_batches", "checked_records", "start_context", "usable_cpus"]
+__all__ = [
+    "BATCH_BYTES",
+    "CheckPool",
+    "Checked",
+    "batched",
+    "checked_batches",
+    "checked_records",
+    "start_context",
+    "usable_cpus",
+]
 
 CHECK_CHUNK = 128  # records per task: one task per record costs more than checking a small image
 CHECK_CHUNK_BYTES = 4 << 20  # ... and at most this many bytes of images per task (large photos)
@@ -32,6 +41,11 @@ CHECK_CHUNK_BYTES = 4 << 20  # ... and at most this many bytes of images per tas
 PROCESS_MIN_RECORDS = 2_000
 IN_FLIGHT_PER_WORKER = 4  # chunks queued per worker process: it never waits while the writer writes
 MAX_DEFAULT_WORKERS = 8  # default checkers at most: bounds memory in flight (8 x 4 x 4 MiB) on big hosts
+# Image bytes per batch (a record batch streamed to Lance, a Ray task's block) by default. A batch is held
+# in full while it is checked and turned into Arrow: 512 rows of 3.2 MB photos took 3.4 GB at the peak, of
+# 25-30 MB camera JPEGs ~30 GB (datasets#741, the t3-conv-large-images-memory report). 512 small images
+# (24 KB: 12 MB) still make one batch.
+BATCH_BYTES = 32 << 20
 
 Checked = tuple[Record, bytes | None, tuple[int, int] | InvalidImage]
 
@@ -64,10 +78,24 @@ def checked_records(records: list[Record]) -> list[Checked]:
     return list(_merge(records, check_items(_items(records))))
 
 
-def _record_batches(records: Iterable[Record], batch_rows: int) -> Iterator[list[Record]]:
-    it = iter(records)
-    while chunk := list(itertools.islice(it, batch_rows)):
-        yield chunk
+def batched(records: Iterable[Record], rows: int, nbytes: int) -> Iterator[list[Record]]:
+    """``records`` in order, in lists of at most ``rows`` records and ``nbytes`` bytes of images (each
+    record's bytes, or its file's size; a record larger than ``nbytes`` alone). Records are taken from the
+    source one list at a time, so only one list's images are in memory here."""
+    batch: list[Record] = []
+    size = 0
+    for record in records:
+        record_bytes = 0 if record.problem else _record_bytes(record)
+        if batch and size + record_bytes > nbytes:
+            yield batch
+            batch, size = [], 0
+        batch.append(record)
+        size += record_bytes
+        if len(batch) == rows:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
 
 
 def _record_bytes(record: Record) -> int:
@@ -223,17 +251,24 @@ def start_context() -> multiprocessing.context.BaseContext:
 
 
 def checked_batches(
-    records: Iterable[Record], *, batch_rows: int, workers: int | None, expected: int | None
+    records: Iterable[Record],
+    *,
+    batch_rows: int,
+    workers: int | None,
+    expected: int | None,
+    batch_bytes: int = BATCH_BYTES,
 ) -> tuple[Iterator[Iterator[Checked]], CheckPool | None]:
-    """``records`` cut into batches of ``batch_rows`` and checked in parallel: per batch an iterator over its
-    checked records, in source order, and the :class:`CheckPool` doing it (None: threads), for the caller
-    to :meth:`~CheckPool.close`.
+    """``records`` cut into batches of at most ``batch_rows`` records and ``batch_bytes`` bytes of images
+    (:func:`batched`) and checked in parallel: per batch an iterator over its checked records, in source
+    order, and the :class:`CheckPool` doing it (None: threads), for the caller to :meth:`~CheckPool.close`.
+    The images held here stay bounded: threads check a batch once the caller has taken the previous one,
+    worker processes at most ``IN_FLIGHT_PER_WORKER`` chunks of ``CHECK_CHUNK_BYTES`` each.
 
     ``workers``: checks at once (default: the usable CPUs, at most ``MAX_DEFAULT_WORKERS``); ``expected``:
     how many records the source will give, if known. Worker processes check a source of
     ``PROCESS_MIN_RECORDS`` or more when ``workers`` is above 1, threads (at most 4 by default) the rest.
     """
-    batches = _record_batches(records, batch_rows)
+    batches = batched(records, batch_rows, batch_bytes)
     processes = workers or min(MAX_DEFAULT_WORKERS, usable_cpus())
     if processes > 1 and expected is not None and expected >= PROCESS_MIN_RECORDS:
         pool = CheckPool(processes)

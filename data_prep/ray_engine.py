@@ -1,7 +1,8 @@
 """``--engine ray``: check images and write Lance data files in parallel on a Ray cluster.
 
 The driver (the process running ``data_prep.convert``) enumerates the source and cuts it into blocks of
-``block_rows`` records, in source order. Then, on any node of the cluster:
+``block_rows`` records and at most ``block_bytes`` of images, in source order. Then, on any node of the
+cluster:
 
 1. a ``_check_block`` task per block reads each image (from its path or from the bytes the source gave),
    checks it with :func:`data_prep.check.check_image`, and returns a small per-record summary to the
@@ -30,14 +31,14 @@ import os
 import socket
 import warnings
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
 import pyarrow as pa
 from PIL import Image
 
 from .check import ConversionError, InvalidImage, apply_pil_settings, pil_settings
-from .pool import checked_records
+from .pool import BATCH_BYTES, batched, checked_records
 from .sources import Record
 from .write import SCHEMA, record_invalid
 
@@ -98,17 +99,6 @@ def _write_rows(
         max_rows_per_file=rows_per_file,
         storage_options=storage_options,
     )
-
-
-def _blocks(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
-    block: list[Record] = []
-    for record in records:
-        block.append(record)
-        if len(block) == size:
-            yield block
-            block = []
-    if block:
-        yield block
 
 
 def _address_answers(address: str, timeout_s: float, named_by: str = "RAY_ADDRESS") -> None:
@@ -199,6 +189,7 @@ def write_fragments_ray(
     fragment_bytes: int = FRAGMENT_BYTES,
     max_in_flight: int | None = None,
     connect_timeout_s: float = 60.0,
+    block_bytes: int = BATCH_BYTES,
 ) -> list:
     """Check and write ``records`` on Ray; return the ``FragmentMetadata`` list, in source order, uncommitted.
 
@@ -218,7 +209,7 @@ def write_fragments_ray(
         write = ray.remote(_write_rows)
         if max_in_flight is None:
             max_in_flight = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
-        blocks = _blocks(records, block_rows)
+        blocks = batched(records, block_rows, block_bytes)
         checking: deque = deque()
         writing: list = []  # every write task, in source order
         unfinished: list = []  # those not known to be done

@@ -97,7 +97,11 @@ def record_batches(
             stats["labels"][record.label] += 1
             rows += 1
         if cols["id"]:
-            yield pa.RecordBatch.from_pydict(cols, schema=SCHEMA)
+            batch = pa.RecordBatch.from_pydict(cols, schema=SCHEMA)
+            # Lance holds the Arrow copy while it writes: drop ours of the images first, so a batch is
+            # held twice only while it is converted (the t3-conv-large-images-memory report)
+            cols = record = data = result = results = None
+            yield batch
         if max_rows is not None and rows >= max_rows:
             break
     if rows == 0:
