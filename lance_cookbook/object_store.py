@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import logging
 import re
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-__all__ = ["s3_storage_options", "local_s3", "store_error_reason", "silent_endpoint_reason"]
+__all__ = ["s3_storage_options", "local_s3", "store_error_reason", "silent_endpoint_reason", "endpoint_proxy"]
 
 # Placeholders for the local server only: moto accepts any credentials, and these exist nowhere else.
 DUMMY_KEY = "cookbook-test-key"
@@ -105,6 +106,35 @@ def store_error_reason(uri: str, error: BaseException) -> str | None:
 ENDPOINT_REPLY_TIMEOUT_S = 10.0
 
 
+def endpoint_proxy(endpoint: str, storage_options: dict[str, str] | None) -> str | None:
+    """The proxy URL Lance's client sends requests for ``endpoint`` (``http(s)://host:port``) through, or
+    ``None`` for a direct connection.
+
+    The rules of Lance's client (the ``object_store`` crate over ``reqwest``): the storage option
+    ``proxy_url`` for every request, except to hosts listed in ``proxy_excludes``; without it the
+    environment, ``HTTPS_PROXY``/``HTTP_PROXY`` by the endpoint's scheme, else ``ALL_PROXY`` (either case,
+    lower case first as ``urllib`` reads them), except to hosts listed in ``NO_PROXY``. Both lists are
+    comma-separated host names, domain suffixes, IP addresses or ``*``.
+    """
+    parts = urllib.parse.urlsplit(endpoint)
+    host = parts.netloc.rsplit("@", 1)[-1]
+    options = storage_options or {}
+    if options.get("proxy_url"):
+        excluded = urllib.request.proxy_bypass_environment(host, {"no": options.get("proxy_excludes", "")})
+        return None if excluded else options["proxy_url"]
+    proxies = urllib.request.getproxies_environment()  # {"http": ..., "https": ..., "all": ..., "no": ...}
+    proxy = proxies.get(parts.scheme) or proxies.get("all")
+    if not proxy or urllib.request.proxy_bypass_environment(host, proxies):
+        return None
+    return proxy
+
+
+def _shown(url: str) -> str:
+    """``url`` without the user name and password a proxy URL may carry, for a message."""
+    parts = urllib.parse.urlsplit(url)
+    return parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1]).geturl()
+
+
 def silent_endpoint_reason(
     storage_options: dict[str, str] | None, timeout_s: float | None = None
 ) -> str | None:
@@ -112,25 +142,39 @@ def silent_endpoint_reason(
     HTTP request within ``timeout_s`` (default :data:`ENDPOINT_REPLY_TIMEOUT_S`, 10 s): a server that
     accepts connections and hangs, or a host that drops them. ``None`` otherwise.
 
-    One plain ``HEAD /`` over HTTP(S), no proxy: any HTTP answer, an error status included, means a server
-    is there (Lance then reports what it says); a refused or unresolvable connection is also left to Lance,
-    which names it (:func:`store_error_reason`). Only the silent server, a hang in Lance's client, is caught
-    here. No ``aws_endpoint`` (AWS itself) or another scheme: ``None``, nothing sent.
+    One plain ``HEAD /`` over HTTP(S), sent the way Lance would send its own requests: through the proxy
+    :func:`endpoint_proxy` finds (the ``proxy_url`` storage option, or ``HTTP(S)_PROXY``/``ALL_PROXY``
+    minus ``NO_PROXY``), else directly. A store reachable only through a proxy must not be judged by the
+    direct path, which a firewall may drop (AWSS3.jl#98, the t3-s3-proxy-endpoint-refused report). A proxy
+    this check cannot speak to as Lance does (``https://`` or SOCKS, or ``proxy_ca_certificate`` set) skips
+    the check: ``None``, nothing sent.
+
+    Any HTTP answer, an error status included (a proxy's 502 too), means something is there (Lance then
+    reports what it says); a refused or unresolvable connection is also left to Lance, which names it
+    (:func:`store_error_reason`). Only the silence, a hang in Lance's client, is caught here. No
+    ``aws_endpoint`` (AWS itself) or another scheme: ``None``, nothing sent.
     """
     import urllib.error
 
-    endpoint = (storage_options or {}).get("aws_endpoint", "")
+    options = storage_options or {}
+    endpoint = options.get("aws_endpoint", "")
     if not endpoint.startswith(("http://", "https://")):
         return None
+    proxy = endpoint_proxy(endpoint, options)
+    if proxy is not None and (not proxy.startswith("http://") or options.get("proxy_ca_certificate")):
+        return None  # urllib speaks neither TLS to a proxy nor SOCKS: left to Lance
     timeout_s = ENDPOINT_REPLY_TIMEOUT_S if timeout_s is None else timeout_s
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    scheme = urllib.parse.urlsplit(endpoint).scheme
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({scheme: proxy} if proxy else {}))
     try:
         opener.open(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout_s).close()
     except urllib.error.HTTPError:
         return None  # an answer
     except OSError as e:  # a timeout comes bare, or wrapped in a URLError
         if isinstance(getattr(e, "reason", e), TimeoutError):
-            return f"{endpoint} sent no reply to an HTTP request within {timeout_s:g} s (is the server hung?)"
+            via = f" through the proxy {_shown(proxy)}" if proxy else ""
+            within = f"within {timeout_s:g} s (is the server hung?)"
+            return f"{endpoint} sent no reply to an HTTP request{via} {within}"
     return None
 
 
