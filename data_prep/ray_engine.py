@@ -146,18 +146,26 @@ def connect(timeout_s: float) -> bool:
     follow a ``ray_current_cluster`` file that a dead ``ray start --head`` left behind and wait for that
     cluster indefinitely.
 
+    Token authentication (Ray 2.59+): joining ``RAY_ADDRESS=HOST:PORT`` with ``RAY_AUTH_MODE`` unset turns
+    it on when this machine has a token (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or
+    ``~/.ray/auth_token``), as ``ray start --head`` does for its cluster; Ray itself does that only for
+    ``auto`` (ray-project/ray#64755). A failure to join then says what to set.
+
     Raises
     ------
     ConversionError
-        Nothing answers at the address within ``timeout_s``, or Ray cannot start or join (one line).
+        Nothing answers at the address within ``timeout_s``, or Ray cannot start or join (one line; for a
+        cluster, naming ``RAY_AUTH_MODE=token`` and where the token goes).
     """
     import ray
 
     if ray.is_initialized():
         return False
     address = os.environ.get("RAY_ADDRESS", "").strip()
+    token_auth = False
     if address not in ("", "auto", "local"):
         _address_answers(address, timeout_s)
+        token_auth = _token_auth_as_the_head_would()
     elif address == "auto" and (found := _auto_address()):
         _address_answers(found, timeout_s, "RAY_ADDRESS=auto: Ray's ray_current_cluster file")
     try:
@@ -168,8 +176,38 @@ def connect(timeout_s: float) -> bool:
     except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as e:
         where = f"the Ray cluster at {address} (RAY_ADDRESS)" if address else "a local Ray"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConversionError(f"cannot start or join {where}: {first}") from None
+        hint = ""
+        if address not in ("", "local"):
+            hint = TOKEN_HINT if token_auth else NO_TOKEN_HINT
+        raise ConversionError(f"cannot start or join {where}: {first}{hint}") from None
     return True
+
+
+# Ray's token authentication (ray-project/ray#64755, Ray 2.59+): `ray start --head` turns it on when it finds
+# a token on its machine, but ray.init(address=...) leaves it off for an explicit address, so a driver on
+# that same machine was refused and Ray said only "Failed to connect to Ray cluster" after ~23 s.
+TOKEN_PLACES = "RAY_AUTH_TOKEN, the file named by RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token"
+NO_TOKEN_HINT = (
+    "; if the cluster uses token authentication (ray start --head turns it on when its machine has a token), "
+    f"set RAY_AUTH_MODE=token and give this machine the cluster's token ({TOKEN_PLACES})"
+)
+TOKEN_HINT = f"; token authentication is on here: the token found ({TOKEN_PLACES}) must be the cluster's"
+
+
+def _token_auth_as_the_head_would() -> bool:
+    """Turn Ray's token authentication on for this driver when ``RAY_AUTH_MODE`` is unset and this machine
+    has a token, as ``ray start --head`` does for the head (Ray's own
+    ``maybe_enable_token_auth_if_token_available``: it sets ``RAY_AUTH_MODE=token`` in this process's
+    environment); return whether token authentication is on. A cluster without authentication ignores the
+    token. An explicit ``RAY_AUTH_MODE`` is left as it is; a Ray without token authentication: False.
+    """
+    try:
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available,
+        )
+    except ImportError:
+        return False
+    return maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
 def write_fragments_ray(
