@@ -141,29 +141,6 @@ def test_resuming_a_finished_run_is_a_no_op_that_says_so(small, tmp_path, capsys
 # --- real 2-process gloo runs --------------------------------------------------------------------------
 
 
-def test_a_rank_killed_mid_epoch_restarts_and_matches_an_uninterrupted_run(small, tmp_path):
-    subprocess.run(
-        torchrun(2, *common(small, tmp_path / "a", tmp_path / "a.json")),
-        check=True,
-        env=child_env(),
-        timeout=300,
-    )
-    proc = subprocess.Popen(
-        torchrun(2, *common(small, tmp_path / "b", tmp_path / "b.json"), restarts=1),
-        env=child_env(**pause_env(1, 2)),
-    )
-    try:
-        # 101 rows on 2 ranks, 16 per batch: 4 steps per epoch; step 2 of epoch 1 has consumed 64 samples
-        kill_rank_when_paused(proc, tmp_path / "b" / "checkpoint-e00001-s000000000064.pt", rank=1)
-        assert proc.wait(timeout=300) == 0
-    finally:
-        proc.kill()
-    whole, resumed = (json.loads((tmp_path / f"{x}.json").read_text()) for x in "ab")
-    assert resumed["resumes"] == [{"epoch": 1, "step": 2, "samples_consumed": 64, "world_size": 2}]
-    assert whole["resumes"] == []
-    same_results(whole, resumed)
-
-
 def test_elastic_resume_from_two_processes_to_one_neither_repeats_nor_skips(small, tmp_path):
     log = tmp_path / "samples"
     proc = subprocess.Popen(
