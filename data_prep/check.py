@@ -15,6 +15,8 @@ from contextlib import contextmanager
 
 from PIL import Image, ImageFile, JpegImagePlugin, UnidentifiedImageError
 
+from lance_cookbook.start_method import end_with_process
+
 __all__ = [
     "ConversionError",
     "InvalidImage",
@@ -189,13 +191,18 @@ def check_items(items: list[str | bytes]) -> list[tuple[bytes | None, int, int] 
     return out
 
 
-def init_worker(settings: dict) -> None:
+def init_worker(settings: dict, parent_pid: int | None = None) -> None:
     """Initializer of a checking worker process: apply ``settings`` (:func:`pil_settings` of the parent,
-    so both sides accept the same images) and leave SIGINT to the parent.
+    so both sides accept the same images), leave SIGINT to the parent, and end with ``parent_pid``.
 
     A Ctrl-C in a terminal reaches every process of the foreground group; the parent stops the pool itself,
-    and a worker dying of KeyboardInterrupt would only turn that into a broken pool and a traceback.
+    and a worker dying of KeyboardInterrupt would only turn that into a broken pool and a traceback. A
+    worker forked from a fork server would outlive a SIGKILLed conversion for ever (blocked on its task
+    queue, and keeping the fork server alive): it watches the conversion's pid instead
+    (:func:`lance_cookbook.start_method.end_with_process`).
     """
+    if parent_pid is not None:
+        end_with_process(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     apply_pil_settings(settings)
     # check_image refuses such images with its own message; the warning would only add noise

@@ -147,7 +147,7 @@ class CheckPool:
             workers,
             mp_context=start_context(),
             initializer=init_worker,
-            initargs=(pil_settings(),),
+            initargs=(pil_settings(), os.getpid()),
         )
 
     def processes(self) -> list[multiprocessing.Process]:

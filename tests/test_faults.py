@@ -285,3 +285,38 @@ def test_a_command_started_from_a_killed_notebook_ends_with_it():
         kernel.kill()
         for p in job_processes(marker):
             p.kill()
+
+
+CONVERSION = """
+import sys
+from data_prep.check import check_items
+from data_prep.pool import CheckPool
+
+if __name__ == "__main__":
+    pool = CheckPool(2)
+    assert pool._pool.submit(check_items, []).result() == []  # the workers have started
+    print("ready", flush=True)
+    sys.stdin.read()  # until killed
+"""
+
+
+@linux_only
+def test_a_sigkilled_conversion_leaves_no_checking_worker_nor_fork_server(tmp_path):
+    """The conversion's checking pool (forkserver workers blocked on their task queue) ends with it."""
+    script = tmp_path / "convert_and_wait.py"
+    script.write_text(CONVERSION)
+    marker = job_env()
+    proc = subprocess.Popen(
+        [sys.executable, str(script)], env=child_env(**marker), text=True,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert proc.stdout.readline() == "ready\n"
+        assert len(job_processes(marker)) >= 4  # itself, the fork server, two workers
+        proc.kill()
+        proc.wait()
+        wait_until_job_gone(marker, give_up_s=30)
+    finally:
+        proc.kill()
+        for p in job_processes(marker):
+            p.kill()
