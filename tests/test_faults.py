@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 
@@ -96,48 +97,6 @@ def test_an_interrupt_sent_to_the_process_group_leaves_persistent_workers_usable
     for _ in range(2):
         assert sorted(i for batch in loader for i in batch) == list(range(53))
     assert all(worker.is_alive() for worker in workers)
-
-
-OWNER = """
-import sys
-import lance_cookbook as lc
-loader = lc.make_loader(sys.argv[1], batch_size=4, num_workers=2, columns=["id"], collate_fn=list)
-assert sum(len(b) for b in loader) == 53
-print("ready", flush=True)
-sys.stdin.read()  # until killed
-"""
-
-
-@linux_only
-def test_a_sigkilled_process_leaves_no_worker_nor_fork_server_and_closes_its_output(id_dataset):
-    """The OOM killer ends the training process alone: its forkserver workers watch it, not their parent
-    (the fork server), and go; then the fork server; then nothing holds the output pipe
-    (../shared/GUIDE.md, measured 2026-12-03)."""
-    marker = job_env()
-    proc = subprocess.Popen(
-        [sys.executable, "-c", OWNER, id_dataset],
-        env=child_env(**marker),
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    reader = Reader(proc.stdout)
-    reader.start()
-    try:
-        while not reader.text and proc.poll() is None:
-            time.sleep(0.05)
-        assert reader.text == ["ready\n"], reader.text
-        assert len(job_processes(marker)) >= 4  # itself, the fork server, two workers
-        proc.kill()
-        proc.wait()
-        wait_until_job_gone(marker, give_up_s=30)
-        reader.join(30)
-        assert not reader.is_alive()  # EOF: no process holds the output any more
-    finally:
-        proc.kill()
-        for p in job_processes(marker):
-            p.kill()
 
 
 @linux_only
@@ -256,66 +215,67 @@ def test_job_processes_finds_a_marked_child_and_not_an_unmarked_one():
     assert wait_until_job_gone(marker, give_up_s=5) >= 0
 
 
-LAUNCHER = """
+# Programs that start processes, then wait to be killed: {name: (source, processes of the job once ready)}
+UNTIL_KILLED = {
+    # a training process or a notebook kernel with a loader: itself, the fork server, two workers
+    "loader": (
+        """
 import sys
-from lance_cookbook.commands import start_command
-proc = start_command([sys.executable, "-c", "import time; print('child', flush=True); time.sleep(600)"])
-print("started", proc.pid, flush=True)
-sys.stdin.read()  # until killed
-"""
-
-
-@linux_only
-def test_a_command_started_from_a_killed_notebook_ends_with_it():
-    """start_command's child (a torchrun launcher, a conversion) gets SIGTERM when the kernel that started it
-    is SIGKILLed, instead of running on reparented to init."""
-    marker = job_env()
-    kernel = subprocess.Popen(
-        [sys.executable, "-c", LAUNCHER], env=child_env(**marker), text=True,
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-    )  # fmt: skip
-    try:
-        lines = [kernel.stdout.readline() for _ in range(2)]
-        assert sorted(line.split()[0] for line in lines) == ["child", "started"], lines
-        assert len(job_processes(marker)) == 2
-        kernel.kill()
-        kernel.wait()
-        wait_until_job_gone(marker, give_up_s=30)
-    finally:
-        kernel.kill()
-        for p in job_processes(marker):
-            p.kill()
-
-
-CONVERSION = """
-import sys
+import lance_cookbook as lc
+loader = lc.make_loader(sys.argv[1], batch_size=4, num_workers=2, columns=["id"], collate_fn=list)
+assert sum(len(b) for b in loader) == 53
+""",
+        4,
+    ),
+    # a conversion and its checking pool (workers blocked on their task queue): itself, fork server, 2 workers
+    "conversion": (
+        """
 from data_prep.check import check_items
 from data_prep.pool import CheckPool
-
-if __name__ == "__main__":
-    pool = CheckPool(2)
-    assert pool._pool.submit(check_items, []).result() == []  # the workers have started
-    print("ready", flush=True)
-    sys.stdin.read()  # until killed
-"""
+pool = CheckPool(2)
+assert pool._pool.submit(check_items, []).result() == []  # the workers have started
+""",
+        4,
+    ),
+    # a notebook that started a command (torchrun, a conversion): itself and the command
+    "command": (
+        """
+import sys
+from lance_cookbook.commands import start_command
+proc = start_command([sys.executable, "-c", "import time; time.sleep(600)"])
+""",
+        2,
+    ),
+}
 
 
 @linux_only
-def test_a_sigkilled_conversion_leaves_no_checking_worker_nor_fork_server(tmp_path):
-    """The conversion's checking pool (forkserver workers blocked on their task queue) ends with it."""
-    script = tmp_path / "convert_and_wait.py"
-    script.write_text(CONVERSION)
+@pytest.mark.parametrize("program", sorted(UNTIL_KILLED))
+def test_a_sigkilled_process_leaves_nothing_behind_and_closes_its_output(program, id_dataset, tmp_path):
+    """The OOM killer ends one process alone. What it started goes too: forkserver workers watch it, not
+    their parent (the fork server, which then exits; ../shared/GUIDE.md, measured 2026-12-03), and a
+    command gets SIGTERM (PR_SET_PDEATHSIG); nothing holds its output open any more."""
+    source, expected = UNTIL_KILLED[program]
+    script = tmp_path / "until_killed.py"
+    # everything under the main guard: forkserver and spawn workers import the main script again
+    body = source.strip() + "\nprint('ready', flush=True)\nsys.stdin.read()  # until killed"
+    script.write_text("import sys\n\nif __name__ == '__main__':\n" + textwrap.indent(body, "    ") + "\n")
     marker = job_env()
     proc = subprocess.Popen(
-        [sys.executable, str(script)], env=child_env(**marker), text=True,
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        [sys.executable, str(script), id_dataset], env=child_env(**marker), text=True,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )  # fmt: skip
+    reader = Reader(proc.stdout)
+    reader.start()
     try:
-        assert proc.stdout.readline() == "ready\n"
-        assert len(job_processes(marker)) >= 4  # itself, the fork server, two workers
+        while "ready\n" not in reader.text or len(job_processes(marker)) < expected:
+            assert proc.poll() is None, "".join(reader.text)
+            time.sleep(0.05)
         proc.kill()
         proc.wait()
         wait_until_job_gone(marker, give_up_s=30)
+        reader.join(30)
+        assert not reader.is_alive()  # EOF: no process holds the output any more
     finally:
         proc.kill()
         for p in job_processes(marker):
