@@ -394,8 +394,10 @@ class ImageCollate:
         return v2.functional.pil_to_tensor(_pil_to_rgb(data))
 
     def _decode_torchvision(
-        self, blobs: list[bytes], seeds: list[int | None]
+        self, blobs: list[bytes], seeds: list[int | None] | None = None
     ) -> list[torch.Tensor | Exception]:
+        """Decode ``blobs``; ``seeds[i]`` (None: this process's generator) draws row i's augmentation."""
+        seeds = seeds if seeds is not None else [None] * len(blobs)
         out: list[torch.Tensor | Exception | None] = [None] * len(blobs)
         paths = [_fast_path(b) if b else "pil" for b in blobs]
         jpegs = [i for i, path in enumerate(paths) if path == "jpeg"]
