@@ -31,8 +31,11 @@ from .pool import Checked
 __all__ = [
     "LABEL_NAMES_KEY",
     "METADATA_KEY",
+    "RECORD_FIELD",
     "SCHEMA",
     "Destination",
+    "conversion_record",
+    "dataset_metadata",
     "record_batches",
     "record_invalid",
     "write_stream",
@@ -40,6 +43,10 @@ __all__ = [
 
 METADATA_KEY = b"lance_cookbook"
 LABEL_NAMES_KEY = b"label_names"
+# Both go on fields, none on the schema: LanceDB 0.40.0's loaders panic on schema-level metadata (see
+# docs/lance_loaders.md). The conversion record stays on a field, not in Lance's table metadata, because
+# pylance 14 cannot set table metadata in the Overwrite commit and a conversion is one commit (one version).
+RECORD_FIELD = "image"
 STOP_TIMEOUT_S = 60  # how long a failed conversion waits for lance's reader thread to leave our code
 
 SCHEMA = pa.schema(
@@ -252,8 +259,9 @@ class Destination:
     def _files(self) -> list[str]:
         return LanceFileSession(self.target, storage_options=self.storage_options).list()
 
-    def commit(self, fragments: list[FragmentMetadata], metadata: dict[bytes, bytes], rows: int):
+    def commit(self, fragments: list[FragmentMetadata], metadata: dict[str, dict[bytes, bytes]], rows: int):
         """Make ``fragments`` the dataset's new version in one commit; return the dataset, read back.
+        ``metadata`` maps field names to that field's metadata (:func:`dataset_metadata`).
 
         Every data file must be visible from here first: a Ray task whose path meant another folder (a
         relative path, a node's own disk) would otherwise leave a dataset that cannot be read.
@@ -272,7 +280,7 @@ class Destination:
         )
         lance.LanceDataset.commit(
             self.target,
-            lance.LanceOperation.Overwrite(SCHEMA.with_metadata(metadata), fragments),
+            lance.LanceOperation.Overwrite(_schema_with(metadata), fragments),
             read_version=read_version,
             storage_options=self.storage_options,
         )
@@ -320,7 +328,26 @@ class Destination:
         return left
 
 
-def dataset_metadata(label_names: list[str], info: dict) -> dict[bytes, bytes]:
-    """The schema metadata of a converted dataset: class names (``label_names``, read by
-    :func:`lance_cookbook.label_names`) and what the conversion did (``lance_cookbook``)."""
-    return {LABEL_NAMES_KEY: json.dumps(label_names).encode(), METADATA_KEY: json.dumps(info).encode()}
+def dataset_metadata(label_names: list[str], info: dict) -> dict[str, dict[bytes, bytes]]:
+    """The field metadata of a converted dataset, by field name: the class names on the ``label`` field
+    (``label_names``, a JSON list, read by :func:`lance_cookbook.label_names`) and what the conversion did on
+    the ``image`` field (``lance_cookbook``, a JSON object, read by :func:`conversion_record`)."""
+    return {
+        "label": {LABEL_NAMES_KEY: json.dumps(label_names).encode()},
+        RECORD_FIELD: {METADATA_KEY: json.dumps(info).encode()},
+    }
+
+
+def _schema_with(metadata: dict[str, dict[bytes, bytes]]) -> pa.Schema:
+    return pa.schema([f.with_metadata(metadata[f.name]) if f.name in metadata else f for f in SCHEMA])
+
+
+def conversion_record(ds: lance.LanceDataset) -> dict:
+    """What the conversion of ``ds`` did (rows skipped, unlabelled, warnings, shuffle): the JSON object stored
+    under ``lance_cookbook`` on the ``image`` field, or in the schema metadata of a dataset converted before
+    that moved (see :mod:`data_prep.migrate`); ``{}`` when there is none. Raises ``json.JSONDecodeError`` when
+    the stored value is not JSON."""
+    from lance_cookbook.dataset import stored_metadata
+
+    raw = stored_metadata(ds.schema, RECORD_FIELD, METADATA_KEY)
+    return json.loads(raw) if raw else {}

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import lance
+import pyarrow as pa
 from lance.torch.data import SafeLanceDataset
 
 from .object_store import silent_endpoint_reason, store_error_reason
@@ -18,6 +19,7 @@ __all__ = [
     "LanceImageDataset",
     "Rows",
     "label_names",
+    "stored_metadata",
     "dataset_options",
     "DatasetNotFound",
     "EmptyDataset",
@@ -194,14 +196,25 @@ def latest_version(uri: str | os.PathLike, *, storage_options: dict[str, str] | 
     return _open(uri, dataset_options(storage_options=storage_options)).version
 
 
+def stored_metadata(schema: pa.Schema, field: str, key: bytes) -> bytes | None:
+    """The value of ``key`` in the metadata of ``field`` of ``schema``, else in the schema-level metadata
+    (where datasets converted before the move to fields keep it: ``python -m data_prep.migrate`` moves it);
+    ``None`` when neither has it. Schema-level metadata makes LanceDB 0.40.0's loaders panic
+    (docs/lance_loaders.md), so new datasets store it on the field."""
+    on_field = schema.field(field).metadata if field in schema.names else None
+    return (on_field or {}).get(key) or (schema.metadata or {}).get(key)
+
+
 def label_names(
     uri: str | os.PathLike,
     *,
     version: int | str | None = None,
     storage_options: dict[str, str] | None = None,
 ) -> list[str]:
-    """Class names stored by the conversion in the schema metadata (``label_names``, a JSON list),
-    in class-index order; ``[]`` when the dataset stores none. Raises :class:`DatasetNotFound`."""
+    """Class names stored by the conversion (``label_names``, a JSON list, in the metadata of the ``label``
+    field, else of the schema as datasets converted before the move keep it), in class-index order; ``[]``
+    when the dataset stores none. Raises :class:`DatasetNotFound`; ``json.JSONDecodeError`` when the stored
+    value is not JSON."""
     ds = _open(uri, dataset_options(version, storage_options))
-    raw = (ds.schema.metadata or {}).get(b"label_names")
+    raw = stored_metadata(ds.schema, "label", b"label_names")
     return json.loads(raw) if raw else []

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import lance
@@ -11,6 +10,7 @@ from conftest import make_imagefolder
 from PIL import Image
 
 from data_prep.convert import ConversionError, convert, main
+from data_prep.write import conversion_record
 from lance_cookbook import label_names
 
 
@@ -103,7 +103,7 @@ def test_cli_summary_overwrite_and_versions(tmp_path: Path, capsys):
     ds = lance.dataset(str(out))
     assert ds.version == 2 and ds.count_rows() == 5
     assert lance.dataset(str(out), version=1).count_rows() == 360
-    meta = json.loads(ds.schema.metadata[b"lance_cookbook"])
+    meta = conversion_record(ds)
     assert meta["skipped"] == [] and "digits" in meta["source"]
 
 

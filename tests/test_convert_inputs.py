@@ -3,7 +3,6 @@ skip, never a traceback; image folders are listed in exactly torchvision ImageFo
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from conftest import encode, id_image, photo
 from data_prep import check
 from data_prep import pool as pool_module
 from data_prep.convert import ConversionError, convert, main
+from data_prep.write import conversion_record
 from lance_cookbook import label_names
 
 
@@ -23,7 +23,7 @@ def rows(uri) -> list[tuple[str, int]]:
 
 
 def metadata(uri) -> dict:
-    return json.loads(lance.dataset(str(uri)).schema.metadata[b"lance_cookbook"])
+    return conversion_record(lance.dataset(str(uri)))
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:

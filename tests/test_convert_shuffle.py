@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import lance
@@ -11,6 +12,7 @@ from conftest import make_imagefolder
 
 from data_prep.convert import convert, main
 from data_prep.sources import imagefolder_source, permutation, shuffled
+from data_prep.write import conversion_record
 
 
 def _table(uri: Path) -> dict[str, list]:
@@ -72,7 +74,7 @@ def test_cli_shuffle(tmp_path: Path, capsys):
         main(["--source", f"imagefolder:{folder}", "--output", str(out), "--shuffle", "7", "--no-progress"])
         == 0
     )
-    assert "shuffled (seed 7)" in lance.dataset(str(out)).schema.metadata[b"lance_cookbook"].decode()
+    assert "shuffled (seed 7)" in json.dumps(conversion_record(lance.dataset(str(out))))
     folder_order = [f"{c}/{i:03d}.jpg" for c in ("cat", "dog", "eel") for i in range(3)]
     rows = _table(out)
     assert rows["source"] == [folder_order[i] for i in permutation(9, 7)]

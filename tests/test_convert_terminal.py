@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 
 import lance
@@ -12,6 +11,7 @@ from conftest import encode, photo
 
 from data_prep.convert import Summary, main
 from data_prep.sources import printable
+from data_prep.write import conversion_record
 
 # Control characters other than the newline that ends a line: what a terminal acts on instead of showing
 RAW_CONTROL = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f]")
@@ -74,7 +74,7 @@ def test_skipped_summary_lists_every_name_escaped(hostile_folder, tmp_path, caps
     assert not RAW_CONTROL.search(out + err), repr(out)
     assert "cat/evil\\x1b]0;PWNED\\x07\\x1b[2J\\x1b[31m.jpg: not a readable image" in out
     assert "cat/fake\\rall 2 images OK.jpg: not a readable image" in out
-    skipped = json.loads(lance.dataset(str(out_uri)).schema.metadata[b"lance_cookbook"])["skipped"]
+    skipped = conversion_record(lance.dataset(str(out_uri)))["skipped"]
     assert not any(RAW_CONTROL.search(s) for s in skipped)
 
 

@@ -213,7 +213,7 @@ class TestRayEngine:
         assert len(b.get_fragments()) >= 4
         assert b.version == 1  # one commit
         assert b.to_table().equals(a.to_table())  # bytes, labels, ids, sources, sizes, in source order
-        assert b.schema.metadata == a.schema.metadata
+        assert b.schema.equals(a.schema, check_metadata=True)  # label_names and the record on fields
         assert (on_ray.rows, on_ray.classes, on_ray.image_bytes) == (
             local.rows,
             local.classes,
@@ -276,7 +276,7 @@ class TestRayEngine:
         assert "dog/003.jpg" in on_ray.skipped[0]
         a, b = lance.dataset(tmp_path / "local.lance"), lance.dataset(tmp_path / "ray.lance")
         assert b.to_table().equals(a.to_table()) and b.count_rows() == 20
-        assert b.schema.metadata == a.schema.metadata
+        assert b.schema.equals(a.schema, check_metadata=True)  # label_names and the record on fields
 
     def test_cli_joins_the_cluster_named_by_ray_address_and_writes_s3(self, ray_cluster, s3):
         uri = f"s3://{BUCKET}/ray/digits.lance"
