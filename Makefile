@@ -18,7 +18,7 @@ EXECUTE = $(VENV)/bin/jupyter nbconvert --to notebook --execute --ExecutePreproc
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,scale,docs]'
+	$(PY) -m pip install --quiet -e '.[dev,scale,docs,lancedb]'
 	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (lance-cookbook)" >/dev/null
 	touch $@
 
@@ -77,7 +77,7 @@ BENCH_PEERS := imagefolder_pil,imagefolder_tv,hf_datasets,lance_tv_uint8,lance_t
 $(BENCH_VENV)/.installed: pyproject.toml
 	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
 	$(BENCH_VENV)/bin/pip install --quiet --upgrade pip
-	$(BENCH_VENV)/bin/pip install --quiet -e '.[dev,scale,bench]'
+	$(BENCH_VENV)/bin/pip install --quiet -e '.[dev,scale,bench,lancedb]'
 	$(BENCH_VENV)/bin/pip check
 	touch $@
 
