@@ -82,14 +82,14 @@ $(BENCH_VENV)/.installed: pyproject.toml
 	touch $@
 
 bench: $(BENCH_VENV)/.installed
-	test -d $(BENCH)/img32 || $(BENCH_PY) -m lance_cookbook.synthetic --output $(BENCH)/img32 --count 20000 \
+	test -d $(BENCH)/img32 || $(BENCH_PY) -m lance_cookbook.bench.synthetic --output $(BENCH)/img32 --count 20000 \
 		--size 32x32 --classes 10 --seed 0
 	test -d $(BENCH)/img32.lance || $(BENCH_PY) -m data_prep.convert --source imagefolder:$(BENCH)/img32 \
 		--output $(BENCH)/img32.lance --shuffle 0 --rows-per-file 10000 --no-progress
 	$(BENCH_PY) -m lance_cookbook.bench --imagefolder $(BENCH)/img32 --lance $(BENCH)/img32.lance \
 		--image-size 32 $(BENCH_ARGS) --loaders $(BENCH_PEERS) --work-dir $(BENCH)/work32 \
 		--json $(BENCH)/bench-32px.json --plot $(BENCH)/bench-32px.png
-	test -d $(BENCH)/photos || $(BENCH_PY) -m lance_cookbook.synthetic --output $(BENCH)/photos --count 2000 \
+	test -d $(BENCH)/photos || $(BENCH_PY) -m lance_cookbook.bench.synthetic --output $(BENCH)/photos --count 2000 \
 		--size 500x375 --classes 10 --seed 0
 	test -d $(BENCH)/photos.lance || $(BENCH_PY) -m data_prep.convert --source imagefolder:$(BENCH)/photos \
 		--output $(BENCH)/photos.lance --shuffle 0 --rows-per-file 1000 --no-progress

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 
 from PIL import Image, ImageFile, JpegImagePlugin, UnidentifiedImageError
 
-from lance_cookbook.start_method import end_with_process
+from lance_cookbook.recipe.start_method import end_with_process
 
 __all__ = [
     "ConversionError",
@@ -199,7 +199,7 @@ def init_worker(settings: dict, parent_pid: int | None = None) -> None:
     and a worker dying of KeyboardInterrupt would only turn that into a broken pool and a traceback. A
     worker forked from a fork server would outlive a SIGKILLed conversion for ever (blocked on its task
     queue, and keeping the fork server alive): it watches the conversion's pid instead
-    (:func:`lance_cookbook.start_method.end_with_process`).
+    (:func:`lance_cookbook.recipe.start_method.end_with_process`).
     """
     if parent_pid is not None:
         end_with_process(parent_pid)

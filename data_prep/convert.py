@@ -31,10 +31,11 @@ from typing import TYPE_CHECKING
 
 from PIL import Image
 
+from data_prep.disk_usage import dir_bytes
+
 # Torch-free helpers: lance_cookbook exports lazily, so these load neither torch nor Lance (the spawn workers
 # import this module again; tests/test_convert_imports.py checks both)
 from lance_cookbook.cli import add_storage_option_argument
-from lance_cookbook.disk_usage import dir_bytes
 
 from .check import ConversionError, InvalidImage, ParameterError, image_pixel_limit
 from .pool import BATCH_BYTES, checked_batches

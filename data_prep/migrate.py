@@ -19,8 +19,8 @@ import sys
 
 import lance
 
-from lance_cookbook.dataset import _open as open_lance
-from lance_cookbook.dataset import dataset_options
+from lance_cookbook.recipe.dataset import _open as open_lance
+from lance_cookbook.recipe.dataset import dataset_options
 
 from .write import LABEL_NAMES_KEY, METADATA_KEY, RECORD_FIELD
 

@@ -19,7 +19,7 @@ from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
-from lance_cookbook.start_method import lance_safe_context
+from lance_cookbook.recipe.start_method import lance_safe_context
 
 from .check import ConversionError, InvalidImage, check_items, init_worker, pil_settings
 from .sources import Record
@@ -244,9 +244,9 @@ FORKSERVER_PRELOAD = ["data_prep.pool"]
 
 def start_context() -> multiprocessing.context.BaseContext:
     """The start method of checking workers: ``forkserver`` where the platform has it, else ``spawn``
-    (:func:`lance_cookbook.start_method.lance_safe_context`). A spawned worker imports PIL and the caller's
-    ``__main__`` again (~0.15 s of CPU each, a tenth of a 20,000-image conversion on 2 cores); a forked one
-    starts in milliseconds from a server that has them already."""
+    (:func:`lance_cookbook.recipe.start_method.lance_safe_context`). A spawned worker imports PIL and
+    the caller's ``__main__`` again (~0.15 s of CPU each, a tenth of a 20,000-image conversion on 2
+    cores); a forked one starts in milliseconds from a server that has them already."""
     return lance_safe_context(FORKSERVER_PRELOAD)
 
 

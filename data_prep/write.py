@@ -23,7 +23,7 @@ import pyarrow as pa
 from lance.file import LanceFileSession
 from lance.fragment import FragmentMetadata, write_fragments
 
-from lance_cookbook.object_store import silent_endpoint_reason, store_error_reason
+from lance_cookbook.recipe.store_errors import silent_endpoint_reason, store_error_reason
 
 from .check import ConversionError, InvalidImage, ParameterError
 from .pool import Checked
@@ -347,7 +347,7 @@ def conversion_record(ds: lance.LanceDataset) -> dict:
     under ``lance_cookbook`` on the ``image`` field, or in the schema metadata of a dataset converted before
     that moved (see :mod:`data_prep.migrate`); ``{}`` when there is none. Raises ``json.JSONDecodeError`` when
     the stored value is not JSON."""
-    from lance_cookbook.dataset import stored_metadata
+    from lance_cookbook.recipe.dataset import stored_metadata
 
     raw = stored_metadata(ds.schema, RECORD_FIELD, METADATA_KEY)
     return json.loads(raw) if raw else {}

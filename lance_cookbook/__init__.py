@@ -18,32 +18,32 @@ __version__ = "0.1.0"
 
 # public name -> the submodule that defines it
 _EXPORTS = {
-    "BlockShuffleSampler": "block_sampler",
-    "Batch": "collate",
-    "DecodeError": "collate",
-    "ImageCollate": "collate",
+    "BlockShuffleSampler": "recipe.block_sampler",
+    "Batch": "recipe.collate",
+    "DecodeError": "recipe.collate",
+    "ImageCollate": "recipe.collate",
     "default_data_dir": "data",
-    "DatasetNotFound": "dataset",
-    "EmptyDataset": "dataset",
-    "LanceImageDataset": "dataset",
-    "Rows": "dataset",
-    "dataset_options": "dataset",
-    "label_names": "dataset",
-    "latest_version": "dataset",
-    "open_dataset": "dataset",
-    "IMAGENET_MEAN": "device",
-    "IMAGENET_STD": "device",
-    "to_device": "device",
-    "check_start_method": "start_method",
-    "default_workers": "loader",
-    "make_loader": "loader",
-    "ReentrantDataLoader": "loader",
-    "DataWaitMeter": "meters",
-    "SmallCNN": "models",
-    "build_model": "models",
-    "ResumableDistributedSampler": "sampler",
-    "ResumableSampler": "sampler",
-    "ShardSampler": "sampler",
+    "DatasetNotFound": "recipe.dataset",
+    "EmptyDataset": "recipe.dataset",
+    "LanceImageDataset": "recipe.dataset",
+    "Rows": "recipe.dataset",
+    "dataset_options": "recipe.dataset",
+    "label_names": "recipe.dataset",
+    "latest_version": "recipe.dataset",
+    "open_dataset": "recipe.dataset",
+    "IMAGENET_MEAN": "recipe.device",
+    "IMAGENET_STD": "recipe.device",
+    "to_device": "recipe.device",
+    "check_start_method": "recipe.start_method",
+    "default_workers": "recipe.loader",
+    "make_loader": "recipe.loader",
+    "ReentrantDataLoader": "recipe.loader",
+    "DataWaitMeter": "recipe.meters",
+    "SmallCNN": "training.models",
+    "build_model": "training.models",
+    "ResumableDistributedSampler": "recipe.sampler",
+    "ResumableSampler": "recipe.sampler",
+    "ShardSampler": "recipe.sampler",
 }
 
 __all__ = [
@@ -76,10 +76,10 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # what type checkers, IDEs and linters see; never runs
-    from .block_sampler import BlockShuffleSampler
-    from .collate import Batch, DecodeError, ImageCollate
     from .data import default_data_dir
-    from .dataset import (
+    from .recipe.block_sampler import BlockShuffleSampler
+    from .recipe.collate import Batch, DecodeError, ImageCollate
+    from .recipe.dataset import (
         DatasetNotFound,
         EmptyDataset,
         LanceImageDataset,
@@ -89,12 +89,12 @@ if TYPE_CHECKING:  # what type checkers, IDEs and linters see; never runs
         latest_version,
         open_dataset,
     )
-    from .device import IMAGENET_MEAN, IMAGENET_STD, to_device
-    from .loader import ReentrantDataLoader, default_workers, make_loader
-    from .meters import DataWaitMeter
-    from .models import SmallCNN, build_model
-    from .sampler import ResumableDistributedSampler, ResumableSampler, ShardSampler
-    from .start_method import check_start_method
+    from .recipe.device import IMAGENET_MEAN, IMAGENET_STD, to_device
+    from .recipe.loader import ReentrantDataLoader, default_workers, make_loader
+    from .recipe.meters import DataWaitMeter
+    from .recipe.sampler import ResumableDistributedSampler, ResumableSampler, ShardSampler
+    from .recipe.start_method import check_start_method
+    from .training.models import SmallCNN, build_model
 
 
 def __getattr__(name: str):

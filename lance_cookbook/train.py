@@ -37,13 +37,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .checkpoint import CheckpointError, check_location
 from .cli import add_storage_option_argument
-from .dataset import DatasetNotFound, EmptyDataset
-from .distributed import StopRequest, agreed_versions, all_sum, setup_distributed
-from .engine import SUM_KEYS, EpochTally, Stopped, TrainingDiverged, evaluate, train_one_epoch
-from .models import MODELS
-from .reporting import (
+from .recipe.dataset import DatasetNotFound, EmptyDataset
+from .training.checkpoint import CheckpointError, check_location
+from .training.distributed import StopRequest, agreed_versions, all_sum, setup_distributed
+from .training.engine import SUM_KEYS, EpochTally, Stopped, TrainingDiverged, evaluate, train_one_epoch
+from .training.models import MODELS
+from .training.reporting import (
     _quiet,
     describe_run,
     epoch_metrics,
@@ -52,8 +52,8 @@ from .reporting import (
     tensorboard_writer,
     write_json,
 )
-from .run_state import Run, find_checkpoint, pinned_versions, rng_state, set_rng_state
-from .training_setup import (
+from .training.run_state import Run, find_checkpoint, pinned_versions, rng_state, set_rng_state
+from .training.setup import (
     LabelError,
     build_loaders,
     build_training,

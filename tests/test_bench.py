@@ -17,9 +17,9 @@ import pytest
 import torch
 from PIL import Image
 
-from lance_cookbook import ImageCollate, LanceImageDataset, bench, synthetic
-from lance_cookbook.bench import cache, measure
-from lance_cookbook.disk_usage import dir_bytes
+from data_prep.disk_usage import dir_bytes
+from lance_cookbook import ImageCollate, LanceImageDataset, bench
+from lance_cookbook.bench import cache, measure, synthetic
 
 OPTIONS = [
     "--imagefolder",

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from lance_cookbook import ImageCollate, bench
 from lance_cookbook.bench.candidates import build_candidate
 from lance_cookbook.bench.iterable import RecordBatchCollate
-from lance_cookbook.start_method import LOADER_PRELOAD, lance_safe_context
+from lance_cookbook.recipe.start_method import LOADER_PRELOAD, lance_safe_context
 
 ROWS = 150
 

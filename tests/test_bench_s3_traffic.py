@@ -29,7 +29,7 @@ from lance_cookbook.bench.s3_traffic import (  # noqa: E402
     serial_round_trips,
     summarize,
 )
-from lance_cookbook.object_store import local_s3  # noqa: E402
+from lance_cookbook.testing import local_s3  # noqa: E402
 
 BUCKET = "traffic-test"
 IMAGES = 1280  # 20 batches of 64
@@ -39,7 +39,7 @@ IMAGES = 1280  # 20 batches of 64
 def images(tmp_path_factory) -> tuple[str, str]:
     """(image folder, Lance dataset in a shuffled row order) of ``IMAGES`` distinct 32x32 JPEGs."""
     from data_prep.convert import convert
-    from lance_cookbook.synthetic import generate_imagefolder
+    from lance_cookbook.bench.synthetic import generate_imagefolder
 
     root = tmp_path_factory.mktemp("traffic")
     folder = root / "img32"

@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from lance_cookbook import BlockShuffleSampler, ImageCollate, make_loader
-from lance_cookbook.block_sampler import mean_batch_entropy
+from lance_cookbook.bench.shuffle_quality import mean_batch_entropy
 
 COMBOS = [
     (n, world, block, window, drop_last)
@@ -128,7 +128,7 @@ def test_elastic_resume_neither_repeats_nor_skips(old_world, new_world):
 
 
 def test_a_checkpoint_of_another_sampler_or_other_blocks_is_refused():
-    from lance_cookbook.sampler import ResumableDistributedSampler
+    from lance_cookbook.recipe.sampler import ResumableDistributedSampler
 
     state = block(100, 1, 0).state_dict(16)
     with pytest.raises(ValueError, match="block_size"):

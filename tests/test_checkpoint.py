@@ -13,11 +13,11 @@ import torch
 from conftest import child_env, torchrun
 from torch.utils.data.distributed import DistributedSampler
 
-from lance_cookbook.checkpoint import list_checkpoints
-from lance_cookbook.faults import kill_rank_when_paused, pause_env
-from lance_cookbook.sampler import ResumableDistributedSampler
-from lance_cookbook.schedule import OneCycleSchedule
+from lance_cookbook.recipe.sampler import ResumableDistributedSampler
+from lance_cookbook.testing import kill_rank_when_paused, pause_env
 from lance_cookbook.train import main as train_main
+from lance_cookbook.training.checkpoint import list_checkpoints
+from lance_cookbook.training.schedule import OneCycleSchedule
 
 
 def common(small, ckpt: Path, metrics: Path, epochs: int = 2) -> list[str]:

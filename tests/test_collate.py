@@ -152,7 +152,7 @@ def test_batch_crosses_processes_unchanged(size):
 
     import torch.multiprocessing  # noqa: F401 - registers torch's shared-memory reductions
 
-    from lance_cookbook.collate import BY_VALUE_MAX_BYTES
+    from lance_cookbook.recipe.collate import BY_VALUE_MAX_BYTES
 
     batch = ImageCollate(size=size, decoder="torchvision", dtype=torch.uint8)(
         rows_of([encode(photo(i, (90, 70)), "JPEG") for i in range(64)])

@@ -63,7 +63,7 @@ def test_conversion_and_its_workers_import_no_torch(tmp_path: Path):
 
 def test_lance_cookbook_exports_lazily():
     probe = (
-        "import sys, json, lance_cookbook as lc, lance_cookbook.cli, lance_cookbook.disk_usage, "
+        "import sys, json, lance_cookbook as lc, lance_cookbook.cli, data_prep.disk_usage, "
         "lance_cookbook.object_store\n"
         "before = 'torch' in sys.modules\n"
         "names = [n for n in lc.__all__ if getattr(lc, n, None) is None]\n"

@@ -20,7 +20,8 @@ from test_checkpoint import common, same_results
 from torch.utils.data import get_worker_info
 
 from lance_cookbook import make_loader
-from lance_cookbook.faults import (
+from lance_cookbook.recipe.loader import WorkerInit
+from lance_cookbook.testing import (
     job_env,
     job_processes,
     kill_rank_when_paused,
@@ -28,7 +29,6 @@ from lance_cookbook.faults import (
     wait_until_gone,
     wait_until_job_gone,
 )
-from lance_cookbook.loader import WorkerInit
 
 linux_only = pytest.mark.skipif(sys.platform != "linux", reason="forkserver, pidfd and process groups: Linux")
 
@@ -241,7 +241,7 @@ assert pool._pool.submit(check_items, []).result() == []  # the workers have sta
     "command": (
         """
 import sys
-from lance_cookbook.commands import start_command
+from lance_cookbook.notebook.commands import start_command
 proc = start_command([sys.executable, "-c", "import time; time.sleep(600)"])
 """,
         2,

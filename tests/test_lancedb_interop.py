@@ -23,8 +23,8 @@ from data_prep.migrate import main as migrate_main
 from data_prep.migrate import migrate
 from data_prep.write import LABEL_NAMES_KEY, METADATA_KEY, RECORD_FIELD, conversion_record
 from lance_cookbook import ImageCollate, label_names, open_dataset
-from lance_cookbook.start_method import LOADER_PRELOAD, lance_safe_context
-from lance_cookbook.training_setup import checked_label_names
+from lance_cookbook.recipe.start_method import LOADER_PRELOAD, lance_safe_context
+from lance_cookbook.training.setup import checked_label_names
 
 lancedb = pytest.importorskip("lancedb")
 from lancedb.permutation import Permutation, permutation_builder  # noqa: E402

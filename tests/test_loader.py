@@ -298,7 +298,7 @@ def test_the_fork_server_preloads_torch_and_never_lance():
     the fork (lance#3727), and a script's __main__ may import it, so neither is preloaded."""
     import multiprocessing.forkserver
 
-    from lance_cookbook.start_method import lance_safe_context
+    from lance_cookbook.recipe.start_method import lance_safe_context
 
     if "forkserver" not in multiprocessing.get_all_start_methods():
         pytest.skip("this platform has no forkserver: spawn is used")

@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from lance_cookbook.cli import add_storage_option_argument
-from lance_cookbook.meters import DataWaitMeter
+from lance_cookbook.recipe.meters import DataWaitMeter
 
 
 class Ticks:
@@ -24,7 +24,7 @@ class Ticks:
 
 def test_wait_and_step_sums_follow_the_clock(monkeypatch):
     # start 0; batch 1 ready at 2, body ends at 3; batch 2 ready at 7, body ends at 8; then exhausted
-    monkeypatch.setattr("lance_cookbook.meters.time.perf_counter", Ticks([0.0, 2.0, 3.0, 7.0, 8.0]))
+    monkeypatch.setattr("lance_cookbook.recipe.meters.time.perf_counter", Ticks([0.0, 2.0, 3.0, 7.0, 8.0]))
     meter = DataWaitMeter()
     assert list(meter.wrap(["a", "b"])) == ["a", "b"]
     assert meter.steps == 2

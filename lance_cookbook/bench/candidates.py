@@ -13,15 +13,16 @@ from PIL import Image
 from torch.utils.data import DataLoader, Sampler
 from torchvision.datasets import ImageFolder
 
-from ..block_sampler import BlockShuffleSampler, mean_batch_entropy
-from ..collate import ImageCollate
-from ..loader import make_loader
+from ..recipe.block_sampler import BlockShuffleSampler
+from ..recipe.collate import ImageCollate
+from ..recipe.loader import make_loader
 from .arrow import ArrowImageCollate, ArrowLanceDataset
 from .baselines import BytesImageFolder, RowByRowDataset, pil_eval_transform
 from .cache import evict
 from .iterable import iterable_loader
 from .measure import MiB, PeakRSS, cpu_seconds
 from .peers import PEER_LOADERS, build_peer
+from .shuffle_quality import mean_batch_entropy
 
 __all__ = [
     "ALL_LOADERS",

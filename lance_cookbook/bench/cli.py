@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..loader import default_workers
+from ..recipe.loader import default_workers
 from .cache import CAN_EVICT
 from .candidates import ALL_LOADERS, LOADERS, OPT_IN_LOADERS
 from .peers import PEER_LOADERS
@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--generate",
         type=int,
         metavar="N",
-        help="first write N synthetic JPEGs into DIR (lance_cookbook.synthetic), unless DIR has files",
+        help="first write N synthetic JPEGs into DIR (lance_cookbook.bench.synthetic), unless DIR has files",
     )
     p.add_argument(
         "--generate-size", default="500x375", metavar="WxH", help="size of the --generate images (500x375)"

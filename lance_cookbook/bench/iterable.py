@@ -34,8 +34,8 @@ from typing import Any
 from lance.torch.data import LanceDataset
 from torch.utils.data import DataLoader
 
-from ..collate import Batch, ImageCollate
-from ..start_method import LOADER_PRELOAD, lance_safe_context
+from ..recipe.collate import Batch, ImageCollate
+from ..recipe.start_method import LOADER_PRELOAD, lance_safe_context
 
 __all__ = ["RecordBatchCollate", "iterable_loader"]
 

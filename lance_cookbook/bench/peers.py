@@ -121,7 +121,7 @@ def _write(kind: str, folder: str, out: str, seed: int) -> dict[str, Any]:
 def write_in_child(kind: str, folder: str, out: str, seed: int) -> dict[str, Any]:
     """Write ``folder`` into ``out`` in format ``kind``, in a fresh process; its figures (rows, seconds,
     images/s, the writer's settings, peak RSS of that process in bytes)."""
-    from lance_cookbook.start_method import end_with_parent
+    from ..recipe.start_method import end_with_parent
 
     cmd = [sys.executable, os.path.abspath(__file__), "write", kind, folder, out, str(seed)]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False, preexec_fn=end_with_parent())
@@ -141,7 +141,7 @@ def build_peer(
     import torch
     from torch.utils.data import DataLoader
 
-    from ..collate import ImageCollate
+    from ..recipe.collate import ImageCollate
 
     collate = ImageCollate(size, decoder="torchvision", dtype=torch.uint8)
     workers_kw: dict[str, Any] = {"num_workers": workers}

@@ -16,8 +16,8 @@ import torch
 from PIL import Image
 from torchvision.datasets import ImageFolder
 
-from ..block_sampler import mean_batch_entropy
-from ..disk_usage import dir_bytes
+from data_prep.disk_usage import dir_bytes
+
 from .baselines import load_hf
 from .breakdown import breakdown
 from .candidates import ALL_LOADERS, BOUNDS, Candidate, DecodeBound, build_candidate
@@ -25,6 +25,7 @@ from .conversion import convert_in_child
 from .measure import MiB, rss_bytes
 from .peers import PEER_LOADERS, write_in_child
 from .report import ratios_and_targets
+from .shuffle_quality import mean_batch_entropy
 
 __all__ = ["folder_stats", "run"]
 
@@ -72,7 +73,7 @@ def _config(args: argparse.Namespace, folder: str) -> dict[str, Any]:
 def _images(args: argparse.Namespace, folder: str, progress: bool) -> dict[str, Any]:
     """Generate the images if asked and the folder is empty; the folder's statistics."""
     if args.generate:
-        from ..synthetic import generate_imagefolder
+        from .synthetic import generate_imagefolder
 
         if Path(folder).exists() and any(Path(folder).iterdir()):
             _log(f"{folder} is not empty: using the images already there (--generate ignored)")

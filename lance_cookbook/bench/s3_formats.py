@@ -80,7 +80,7 @@ class Context:
     def collate(self) -> Any:
         import torch
 
-        from ..collate import ImageCollate
+        from ..recipe.collate import ImageCollate
 
         return ImageCollate(self.image_size, decoder="torchvision", dtype=torch.uint8)
 
@@ -183,9 +183,9 @@ def _open_imagefolder(store: Store, ctx: Context) -> Iterable[Any]:
 
 
 def _open_lance(store: Store, ctx: Context, *, block: bool) -> Iterable[Any]:
-    from ..block_sampler import BlockShuffleSampler
-    from ..dataset import open_dataset
-    from ..loader import make_loader
+    from ..recipe.block_sampler import BlockShuffleSampler
+    from ..recipe.dataset import open_dataset
+    from ..recipe.loader import make_loader
 
     collate = ctx.collate()
     uri = f"s3://{store.bucket}/{LANCE_PREFIX}"

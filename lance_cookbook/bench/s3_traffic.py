@@ -3,7 +3,7 @@ the server, and a model of images/s per worker at a given request latency.
 
 ``python -m lance_cookbook.bench.s3_traffic --imagefolder DIR --lance PATH`` uploads the same images in each
 format (:mod:`.s3_formats`) to moto's S3 server running in this process
-(:func:`lance_cookbook.object_store.local_s3`), reads one epoch of each the way its library reads remote
+(:func:`lance_cookbook.testing.local_s3`), reads one epoch of each the way its library reads remote
 data, and counts at the server, through :class:`TrafficCounter` (a WSGI middleware around moto), every HTTP
 request: its method, object, ``Range`` header, status and response body bytes. Only the reading is counted
 (the counter is reset after the uploads). moto is a Python process: its speed says nothing about S3, so the
@@ -416,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Upload, read and model every format of ``args`` (see :func:`build_parser`); returns the report."""
-    from ..object_store import local_s3
+    from ..testing import local_s3
     from .runner import folder_stats
     from .s3_formats import FORMATS, Context, Store, prepare, upload
 

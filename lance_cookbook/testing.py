@@ -9,18 +9,25 @@ needs no timing. These helpers live in the package, not in a notebook, so tests 
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
 import time
+import urllib.request
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 
+from .object_store import s3_storage_options
+
 __all__ = [
+    "local_s3",
     "PAUSE_ENV",
     "JOB_ENV",
     "pause_env",
@@ -154,7 +161,8 @@ def kill_rank_when_paused(
 
     SIGKILL of that one pid, as the OOM killer or a crashing CUDA kernel does: no handler runs, no file is
     closed, and its DataLoader workers and fork server are left to notice by themselves (they do:
-    :class:`lance_cookbook.loader.WorkerInit`). ``torch.distributed.run`` then sees a failed worker, stops
+    :class:`~lance_cookbook.recipe.loader.WorkerInit`).
+    ``torch.distributed.run`` then sees a failed worker, stops
     the others and, with ``--max-restarts``, starts all ranks again; they resume from the newest checkpoint.
 
     Parameters
@@ -162,7 +170,7 @@ def kill_rank_when_paused(
     launcher : subprocess.Popen
         The ``torch.distributed.run`` process, started with :func:`pause_env` in its environment.
     checkpoint : path
-        The checkpoint file the pause follows (:func:`lance_cookbook.checkpoint.checkpoint_name`).
+        The checkpoint file the pause follows (:func:`lance_cookbook.training.checkpoint.checkpoint_name`).
     rank : int
         Global rank to kill.
     give_up_s : float
@@ -198,3 +206,64 @@ def kill_rank_when_paused(
             os.kill(target.pid, signal.SIGKILL)
             return Kill(target.pid, left, rss)
         time.sleep(0.1)
+
+
+# Placeholders for the local server only: moto accepts any credentials, and these exist nowhere else.
+DUMMY_KEY = "cookbook-test-key"
+DUMMY_SECRET = "cookbook-test-secret"
+
+
+def _endpoint(server) -> str:
+    host, port = server.get_host_and_port()
+    return f"http://{host}:{port}"
+
+
+@contextmanager
+def local_s3(
+    bucket: str = "lance-cookbook",
+    *,
+    key: str = DUMMY_KEY,
+    secret: str = DUMMY_SECRET,
+    region: str = "us-east-1",
+    wsgi_middleware: Callable[[Any], Any] | None = None,
+) -> Iterator[dict[str, str]]:
+    """Run moto's S3 server on ``127.0.0.1`` (a free port) with ``bucket`` created; yield its storage options.
+
+    For tests and notebooks: the server lives in a thread of this process and forgets everything when the
+    block ends; moto accepts any ``key``/``secret``. Other processes (DataLoader workers, a
+    conversion subprocess) reach it over HTTP with the yielded options. Needs the ``scale``
+    extra (``moto[server]``, ``boto3``). ``wsgi_middleware``, if given, is called once with moto's WSGI
+    application and must return the application to serve instead (every request, the bucket's creation
+    included, then passes through it): how :mod:`lance_cookbook.bench.s3_traffic` counts requests.
+    """
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    access_log = logging.getLogger("werkzeug")  # one INFO line per request otherwise
+    level = access_log.level
+    access_log.setLevel(logging.WARNING)
+    try:
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        server.start()
+        try:
+            if wsgi_middleware is not None:
+                # werkzeug's server (moto keeps it in _server) looks its application up on every request
+                server._server.app = wsgi_middleware(server._server.app)
+            options = s3_storage_options(_endpoint(server), key, secret, region)
+            boto3.client(
+                "s3",
+                endpoint_url=options["aws_endpoint"],
+                aws_access_key_id=key,
+                aws_secret_access_key=secret,
+                region_name=region,
+            ).create_bucket(Bucket=bucket)
+            yield options
+        finally:
+            # moto keeps its buckets in this process's memory beyond the server: forget them
+            no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+            try:
+                no_proxy.open(urllib.request.Request(f"{_endpoint(server)}/moto-api/reset", method="POST"))
+            finally:
+                server.stop()
+    finally:
+        access_log.setLevel(level)

@@ -14,13 +14,13 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset, Sampler
 
-from .block_sampler import BlockShuffleSampler
-from .collate import AUGMENT_SEED, ImageCollate, augment_seed
-from .dataset import EmptyDataset, label_names, open_dataset
+from ..recipe.block_sampler import BlockShuffleSampler
+from ..recipe.collate import AUGMENT_SEED, ImageCollate, augment_seed
+from ..recipe.dataset import EmptyDataset, label_names, open_dataset
+from ..recipe.loader import make_loader
+from ..recipe.sampler import ResumableDistributedSampler, ShardSampler
 from .distributed import agreed_versions, ignore_sigterm
-from .loader import make_loader
 from .models import build_model
-from .sampler import ResumableDistributedSampler, ShardSampler
 from .schedule import OneCycleSchedule
 
 
@@ -45,7 +45,7 @@ class LabelError(ValueError):
 
 
 def checked_label_names(dataset) -> list[str]:
-    """The dataset's stored ``label_names`` (:func:`lance_cookbook.dataset.label_names`), refused unless it
+    """The dataset's stored ``label_names`` (:func:`lance_cookbook.label_names`), refused unless it
     is a JSON list of at most ``MAX_CLASSES`` strings; ``[]`` when it stores none.
 
     Raises
@@ -169,8 +169,8 @@ class _EpochPositions(Sampler):
 
 class _SeededRows(Dataset):
     """Reads the rows of ``(epoch, position, index)`` keys from ``dataset`` and adds to each its
-    ``AUGMENT_SEED`` (:func:`lance_cookbook.collate.augment_seed` of ``seed``, epoch and position), so the
-    collate crops and flips it the same way in an uninterrupted and in a resumed run
+    ``AUGMENT_SEED`` (:func:`lance_cookbook.recipe.collate.augment_seed` of ``seed``, epoch and
+    position), so the collate crops and flips it the same way in an uninterrupted and in a resumed run
     (t3-ckpt-augment-resume-differs). Pickles with its dataset (cheaply) to the workers."""
 
     def __init__(self, dataset, seed: int):
@@ -193,8 +193,8 @@ def build_loaders(args: argparse.Namespace, train_ds, val_ds, rank: int, world: 
 
     With ``--augment`` each training sample's crop and flip come from a seed of (``--seed``, epoch,
     position in the epoch), not from the workers' generators, so a resumed run is bit-identical to an
-    uninterrupted one. The workers ignore SIGTERM (:func:`lance_cookbook.distributed.ignore_sigterm`), so a
-    preempted rank can finish its step.
+    uninterrupted one. The workers ignore SIGTERM
+    (:func:`lance_cookbook.training.distributed.ignore_sigterm`), so a preempted rank can finish its step.
 
     Returns
     -------

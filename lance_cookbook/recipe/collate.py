@@ -172,7 +172,7 @@ def _row_name(rows: list[dict[str, Any]], position: int) -> str:
     for key in ("source", "id"):
         if row.get(key) is not None:
             return f"row {key}={row[key]!r}"
-    describe = getattr(rows, "describe", None)  # lance_cookbook.dataset.Rows: looks the source file up
+    describe = getattr(rows, "describe", None)  # lance_cookbook.recipe.dataset.Rows: looks the source file up
     return describe(position) if describe is not None else f"batch position {position}"
 
 

@@ -33,7 +33,7 @@ class WorkerInit:
     """``worker_init_fn`` of :func:`make_loader`'s workers: what a forkserver or spawn worker does not get
     from the process that started it, then ``worker_init_fn`` (the caller's, if any).
 
-    - **It ends with that process.** :func:`lance_cookbook.start_method.end_with_process`: a worker whose
+    - **It ends with that process.** :func:`.start_method.end_with_process`: a worker whose
       training process or notebook kernel was SIGKILLed exits at once, and so does the fork server after
       it; PyTorch's own check watches the parent, which under forkserver is the fork server.
     - **It shares tensors the same way.** ``torch.multiprocessing.set_sharing_strategy('file_system')``,
@@ -151,7 +151,7 @@ def make_loader(
       path measured; finish on the device with :func:`lance_cookbook.to_device`).
     - ``num_workers`` defaults to :func:`default_workers`; workers persist across epochs and start from a
       fork server that imported torch, torchvision, PIL and numpy once, never Lance
-      (:func:`lance_cookbook.start_method.lance_safe_context`; spawn where the platform has no
+      (:func:`lance_cookbook.recipe.start_method.lance_safe_context`; spawn where the platform has no
       forkserver): a loader's first batch comes in well under a second instead of about 3 s with spawn
       (``docs/benchmark.md``). ``multiprocessing_context="spawn"`` still works; ``fork`` is refused
       (lance#3640). ``pin_memory`` defaults to ``torch.cuda.is_available()``.

@@ -18,7 +18,7 @@ from .checkpoint import write_atomically
 
 def write_json(path: str | os.PathLike, data: dict, *, storage_options: dict[str, str] | None = None) -> None:
     """Write ``data`` as strict JSON to ``path`` (a local file or an ``s3://`` URI) atomically: a crash
-    leaves the previous file, never half of one (:func:`lance_cookbook.checkpoint.write_atomically`).
+    leaves the previous file, never half of one (:func:`lance_cookbook.training.checkpoint.write_atomically`).
 
     Raises
     ------

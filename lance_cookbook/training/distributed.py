@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
-from .dataset import DatasetNotFound, latest_version
+from ..recipe.dataset import DatasetNotFound, latest_version
 
 
 def setup_distributed() -> tuple[int, int, torch.device]:
@@ -46,7 +46,7 @@ class StopRequest:
 
     Spot instances and SLURM send SIGTERM, then SIGKILL about 30 s later; ``torch.distributed.run`` passes a
     SIGTERM it gets to every rank's process group. :func:`lance_cookbook.train.main` installs one for the
-    run and hands :attr:`requested` to :func:`lance_cookbook.engine.train_one_epoch`, whose per-step
+    run and hands :attr:`requested` to :func:`lance_cookbook.training.engine.train_one_epoch`, whose per-step
     ``all_reduce`` makes every rank stop after the same step.
     """
 
@@ -85,7 +85,7 @@ def ignore_sigterm(worker_id: int) -> None:
     ``torch.distributed.run`` (``os.killpg``), SLURM and a shutting-down node send it to the workers as well;
     a worker dying of it makes the rank's next batch (or PyTorch's SIGCHLD handler, at any moment) raise
     "DataLoader worker ... is killed by signal", so the rank could not finish its step and checkpoint.
-    The workers still end with the rank (:class:`lance_cookbook.loader.WorkerInit`) or by SIGKILL.
+    The workers still end with the rank (:class:`lance_cookbook.recipe.loader.WorkerInit`) or by SIGKILL.
     """
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 

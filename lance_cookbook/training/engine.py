@@ -12,9 +12,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .device import IMAGENET_MEAN, IMAGENET_STD, to_device
+from ..recipe.device import IMAGENET_MEAN, IMAGENET_STD, to_device
+from ..recipe.meters import DataWaitMeter
 from .distributed import all_sum
-from .meters import DataWaitMeter
 
 SUM_KEYS = ("loss_sum", "samples", "data_wait_s", "step_s")
 
@@ -132,9 +132,9 @@ def train_one_epoch(
     progress_bar : bool
         A tqdm bar (step, images/s, loss, data wait) instead of progress lines, for a terminal.
     stop : callable, optional
-        Returns True once this rank has been asked to stop (SIGTERM: :class:`lance_cookbook.distributed.
-        StopRequest`). Read after each step's backward; when any rank's says so, every rank applies that
-        step, runs ``after_step`` and raises :class:`Stopped`.
+        Returns True once this rank has been asked to stop (SIGTERM:
+        :class:`lance_cookbook.training.distributed.StopRequest`). Read after each step's backward; when
+        any rank's says so, every rank applies that step, runs ``after_step`` and raises :class:`Stopped`.
     agree_steps : int, optional
         The leading steps of this pass in which every rank has a batch (default: all): in those, after each
         backward, one ``all_reduce`` of two numbers tells every rank whether any rank's loss is non-finite

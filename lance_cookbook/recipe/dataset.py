@@ -12,7 +12,7 @@ import lance
 import pyarrow as pa
 from lance.torch.data import SafeLanceDataset
 
-from .object_store import silent_endpoint_reason, store_error_reason
+from .store_errors import silent_endpoint_reason, store_error_reason
 
 __all__ = [
     "open_dataset",

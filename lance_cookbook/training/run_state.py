@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..testing import PAUSE_ENV
 from .checkpoint import (
     CheckpointError,
     checkpoint_name,
@@ -26,7 +27,6 @@ from .checkpoint import (
 )
 from .distributed import StopRequest
 from .engine import EpochTally, TrainingDiverged, _unwrap
-from .faults import PAUSE_ENV
 from .reporting import _quiet, write_json
 
 

@@ -1,6 +1,6 @@
 """Realistic image folders made offline: distinct JPEGs cut from scikit-learn's two bundled photos.
 
-    python -m lance_cookbook.synthetic --output DIR --count N --size WxH --classes K --seed S
+    python -m lance_cookbook.bench.synthetic --output DIR --count N --size WxH --classes K --seed S
 
 Every image is a random crop (area, aspect ratio and position), a resize to ``WxH``, a horizontal flip half
 of the time and a colour jitter (brightness, contrast, per-channel gain) of ``china.jpg`` or ``flower.jpg``,
@@ -181,7 +181,7 @@ def generate_imagefolder(
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m lance_cookbook.synthetic",
+        prog="python -m lance_cookbook.bench.synthetic",
         description="Write N distinct JPEGs cut from scikit-learn's sample photos, in an ImageFolder layout.",
     )
     p.add_argument("--output", required=True, help="new folder to write DIR/<class>/<i>.jpg into")

@@ -1,0 +1,2 @@
+"""Helpers the chapters use to show things: image grids and plots (``viz``), commands run with their
+output streamed into the notebook (``commands``). Not part of the recipe."""

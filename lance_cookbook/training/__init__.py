@@ -1,0 +1,3 @@
+"""The training script's machinery (``python -m lance_cookbook.train``): checkpoints and run state,
+distributed helpers, the learning-rate schedule, models and reports. Like torchvision's
+``references/classification/utils.py``: read ``train.py`` first."""
