@@ -13,7 +13,7 @@ DOCS_SOURCES := mkdocs.yml $(shell find docs -type f -not -path 'docs/chapters/*
 EXECUTE = $(VENV)/bin/jupyter nbconvert --to notebook --execute --ExecutePreprocessor.timeout=900 \
 	--ExecutePreprocessor.kernel_name=python3 --output-dir $(BUILD)
 
-.PHONY: run test lab data notebooks docs lint format bench clean
+.PHONY: run test test-fast lab data notebooks docs lint format bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -51,14 +51,24 @@ $(SITE)/index.html: $(EXECUTED) $(DOCS_SOURCES) $(PACKAGE_SOURCES) | $(VENV)/.in
 	@touch $@
 	@echo "site built: open $(SITE)/index.html or run: python -m http.server -d $(SITE)"
 
-## make test: install, lint, every notebook executed into build/ and the site built (make docs), then the
-## unit tests, the notebooks' static checks and the site opened in headless Chromium (tests/test_site.py);
-## `make test PYTEST_ARGS="--random-order"` runs the tests in a random order (the seed is printed at the top)
-test: $(VENV)/.installed
-	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check .
+# the tests that read what `make docs` builds (site/, from the notebooks executed into build/); every other
+# test, the notebooks' static checks included, needs neither and runs first, so a unit failure shows in minutes
+AFTER_DOCS := tests/test_site.py
+PYTEST = HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV)/bin/pytest
+
+## make test: install, lint, the unit tests and the notebooks' static checks, then every notebook executed
+## into build/ and the site built (make docs), then the site opened in headless Chromium (tests/test_site.py);
+## `make test PYTEST_ARGS="--random-order"` runs the tests in a random order (the seed is printed at the top of
+## each of the two pytest runs). pytest's exit code 5 (no test collected) fails it like any other.
+test: lint
+	$(PYTEST) tests $(addprefix --ignore=,$(AFTER_DOCS)) $(PYTEST_ARGS)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(MAKE) --no-print-directory docs
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV)/bin/pytest tests $(PYTEST_ARGS)
+	$(PYTEST) $(AFTER_DOCS) $(PYTEST_ARGS)
+
+## make test-fast: the inner loop while you edit: lint and the tests not marked slow (torchrun launches,
+## Ray, Chromium, benchmark runs); no notebook executed, no site built
+test-fast: lint
+	$(PYTEST) tests -m "not slow" $(PYTEST_ARGS)
 
 ## make bench: the full loader comparison of docs/benchmark.md and the README, warm and cold page cache, with
 ## the peers (WebDataset, MosaicML Streaming, LitData): 20,000 distinct 32x32 JPEGs and 2,000 photos. The
@@ -72,7 +82,8 @@ BENCH ?= $(BUILD)/bench
 BENCH_VENV := .venv-bench
 BENCH_PY := OMP_NUM_THREADS=1 $(BENCH_VENV)/bin/python
 BENCH_ARGS := --batch-size 64 --workers 2 --epochs 4 --cache both
-BENCH_PEERS := imagefolder_pil,imagefolder_tv,hf_datasets,lance_tv_uint8,lance_tv_uint8_block,lance_iterable,peers
+# lancedb: LanceDB's StreamingDataset (clumps, rows, decode in its threads) and Permutation, (o)-(r)
+BENCH_PEERS := imagefolder_pil,imagefolder_tv,hf_datasets,lance_tv_uint8,lance_tv_uint8_block,lance_iterable,peers,lancedb
 
 $(BENCH_VENV)/.installed: pyproject.toml
 	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
@@ -109,8 +120,9 @@ bench: $(BENCH_VENV)/.installed
 lab: $(VENV)/.installed data
 	$(VENV)/bin/jupyter lab notebooks
 
-lint:
-	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 format:
 	$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .

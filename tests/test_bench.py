@@ -159,6 +159,7 @@ def _quick_args(tmp_path: Path, workers: int, *extra: str) -> list[str]:
     ]
 
 
+@pytest.mark.slow  # a benchmark run
 def test_bench_quick_every_loader(tmp_path, capsys):
     # every loader in-process (workers=0) keeps this fast; the spawn path is the next test
     assert bench.main(_quick_args(tmp_path, 0, "--breakdown")) == 0
@@ -187,6 +188,7 @@ def test_bench_quick_every_loader(tmp_path, capsys):
     assert (tmp_path / "work" / "images.lance" / "_versions").is_dir()  # --work-dir keeps the dataset
 
 
+@pytest.mark.slow  # a benchmark run in a child process, spawn workers
 def test_bench_cli_spawn_workers(tmp_path):
     # the real command line, with spawn workers that unpickle the benchmark's own datasets and collates
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")
@@ -282,6 +284,7 @@ def test_evict_refuses_without_fadvise(monkeypatch):
         cache.evict(["."])
 
 
+@pytest.mark.slow  # a benchmark run
 def test_bench_cold_and_warm_side_by_side(tmp_path, capsys, monkeypatch):
     evicted: list[list[str]] = []
     real_evict = cache.evict
@@ -340,6 +343,7 @@ def test_peer_rows_and_loader_keys(tmp_path, capsys):
     assert all(key in text for key in bench.PEER_LOADERS)
 
 
+@pytest.mark.slow  # a benchmark run
 def test_peers_quick_in_the_peer_environment(tmp_path):
     # runs where the `bench` extra is installed (.venv-bench of `make bench`), skipped elsewhere
     for name in ("webdataset", "streaming", "litdata"):
@@ -367,6 +371,7 @@ def test_peers_quick_in_the_peer_environment(tmp_path):
         assert report["storage"][f"{key}_bytes"] > 0, key
 
 
+@pytest.mark.slow  # a benchmark run in a child process, three loaders
 def test_start_method_per_loader_and_later_loaders_first_batch(tmp_path):
     # loaders started one after the other (not --quick): make_loader's are forkserver, the rest spawn, and the
     # first batch of every forkserver loader after the first (which started the server) is reported
@@ -388,6 +393,7 @@ def test_start_method_per_loader_and_later_loaders_first_batch(tmp_path):
     assert later["lance_tv_uint8_block"] > 0
 
 
+@pytest.mark.slow  # two benchmark runs
 def test_shuffle_converts_rows_in_a_random_order_for_the_block_sampler(tmp_path):
     # the bench's own conversion in ImageFolder order gives the block sampler batches of one or two classes;
     # --shuffle SEED writes the rows in a random order, and its batches mix classes as a full shuffle does

@@ -37,6 +37,7 @@ def _dataset(tmp_path, blobs: list[bytes], rows_per_file: int) -> str:
     return uri
 
 
+@pytest.mark.slow  # a benchmark run
 def test_bench_quick_iterable_beside_g(tmp_path, capsys):
     args = _quick_args(tmp_path, 2, "--loaders", "lance_tv_uint8,lance_iterable", "--cache", "both")
     assert bench.main(args) == 0

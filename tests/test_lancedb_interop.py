@@ -107,6 +107,7 @@ def test_converted_metadata_lives_on_fields_that_lancedb_reads(converted):
     assert json.loads(table.schema.field("label").metadata[b"label_names"]) == NAMES
 
 
+@pytest.mark.slow  # two forkserver workers with torch preloaded
 def test_streaming_dataset_and_loader_read_every_row_once_but_the_surplus(converted, labels_by_id):
     root, name = converted
     table = lancedb.connect(str(root)).open_table(name)
@@ -125,6 +126,7 @@ def test_streaming_dataset_and_loader_read_every_row_once_but_the_surplus(conver
     assert all(labels_by_id[i] == label for i, label in seen.items())
 
 
+@pytest.mark.slow  # two forkserver workers with torch preloaded
 def test_shuffled_permutation_with_a_dataloader_reads_every_row_once(converted, labels_by_id):
     root, name = converted
     table = lancedb.connect(str(root)).open_table(name)

@@ -101,6 +101,7 @@ def test_s3_storage_options_names():
     assert s3_storage_options(region="eu-west-1") == {"aws_region": "eu-west-1"}
 
 
+@pytest.mark.slow  # three conversion CLI runs against a moto server
 def test_cli_writes_s3_refuses_existing_and_overwrites_as_new_version(s3):
     uri = f"s3://{BUCKET}/cli/digits.lance"
     first = run_convert("--source", "digits", "--max-rows", "97", "--output", uri, *option_args(s3))
@@ -140,6 +141,7 @@ def test_failed_s3_conversion_leaves_no_dataset_and_keeps_previous_version(s3, f
     assert rows(uri, s3) == before
 
 
+@pytest.mark.slow  # two spawn workers reading from a moto server
 def test_make_loader_reads_s3_with_two_workers(s3):
     uri = f"s3://{BUCKET}/loader/digits.lance"
     convert("digits", uri, split="test", max_rows=101, storage_options=s3, progress=False)
@@ -204,6 +206,7 @@ def ray_cluster():
 
 
 @pytest.mark.usefixtures("ray_cluster")
+@pytest.mark.slow  # a Ray cluster
 class TestRayEngine:
     def test_same_rows_order_and_metadata_as_local(self, tmp_path):
         # small blocks and files: 8 check tasks, 4 write tasks, several fragments
@@ -300,6 +303,7 @@ class TestRayEngine:
 
 
 # ------------------------------------------------------------------------------------------- multi-node
+@pytest.mark.slow  # two torchrun launches
 def test_two_nodes_one_process_each_evaluate_every_sample_once(tmp_path):
     train, val = tmp_path / "train.lance", tmp_path / "val.lance"
     convert("digits", train, split="train", max_rows=160, progress=False)

@@ -29,6 +29,9 @@ from urllib.parse import unquote, urldefrag, urlsplit
 import pytest
 from conftest import REPO
 
+# Chromium, and the `site` fixture executes every notebook when build/ is stale: not for make test-fast
+pytestmark = pytest.mark.slow
+
 SITE = REPO / "site"
 SCREENSHOTS = REPO / "build" / "screenshots"
 CHAPTERS = [
