@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 # public name -> the submodule that defines it
 _EXPORTS = {
     "BlockShuffleSampler": "recipe.block_sampler",
-    "Batch": "recipe.collate",
+    "Batch": "recipe.handover",
     "DecodeError": "recipe.collate",
     "ImageCollate": "recipe.collate",
     "default_data_dir": "data",
@@ -78,7 +78,7 @@ __all__ = [
 if TYPE_CHECKING:  # what type checkers, IDEs and linters see; never runs
     from .data import default_data_dir
     from .recipe.block_sampler import BlockShuffleSampler
-    from .recipe.collate import Batch, DecodeError, ImageCollate
+    from .recipe.collate import DecodeError, ImageCollate
     from .recipe.dataset import (
         DatasetNotFound,
         EmptyDataset,
@@ -90,6 +90,7 @@ if TYPE_CHECKING:  # what type checkers, IDEs and linters see; never runs
         open_dataset,
     )
     from .recipe.device import IMAGENET_MEAN, IMAGENET_STD, to_device
+    from .recipe.handover import Batch
     from .recipe.loader import ReentrantDataLoader, default_workers, make_loader
     from .recipe.meters import DataWaitMeter
     from .recipe.sampler import ResumableDistributedSampler, ResumableSampler, ShardSampler

@@ -18,17 +18,9 @@ pytest.importorskip("boto3", reason="needs the scale extra: pip install -e '.[sc
 pytest.importorskip("moto", reason="needs the scale extra: pip install -e '.[scale]'")
 
 from lance_cookbook.bench.runner import folder_stats  # noqa: E402
+from lance_cookbook.bench.s3_counter import Request, TrafficCounter, serial_round_trips, summarize  # noqa: E402
 from lance_cookbook.bench.s3_formats import FORMATS, Context, Store, upload  # noqa: E402
-from lance_cookbook.bench.s3_traffic import (  # noqa: E402
-    Request,
-    TrafficCounter,
-    build_parser,
-    images_per_s,
-    main,
-    measure,
-    serial_round_trips,
-    summarize,
-)
+from lance_cookbook.bench.s3_traffic import build_parser, images_per_s, main, measure  # noqa: E402
 from lance_cookbook.testing import local_s3  # noqa: E402
 
 BUCKET = "traffic-test"
@@ -60,6 +52,7 @@ def _context(tmp_path: Path, n: int, local: dict[str, str] | None = None) -> Con
     return Context(images=n, image_size=32, batch_size=64, seed=0, work=str(tmp_path), local=local or {})
 
 
+@pytest.mark.slow  # a moto server
 def test_counter_sees_method_range_status_and_body_bytes(served):
     counter, store = served
     client = store.client()
@@ -83,6 +76,7 @@ def test_counter_sees_method_range_status_and_body_bytes(served):
     assert counter.requests() == [] and counter.max_in_flight == 0
 
 
+@pytest.mark.slow  # a moto server
 def test_delay_is_paid_per_request(served):
     counter, store = served
     client = store.client()
@@ -93,6 +87,7 @@ def test_delay_is_paid_per_request(served):
     assert time.perf_counter() - start >= 0.3
 
 
+@pytest.mark.slow  # a moto server
 def test_imagefolder_is_one_get_per_image_plus_the_listing(served, images, tmp_path):
     counter, store = served
     folder, _ = images
@@ -108,6 +103,7 @@ def test_imagefolder_is_one_get_per_image_plus_the_listing(served, images, tmp_p
     assert result["requests_per_image"] == 1.0 and result["bytes_per_image"] == total / n
 
 
+@pytest.mark.slow  # a moto server
 def test_lance_block_order_needs_fewer_requests_and_bytes_than_random(served, images, tmp_path):
     counter, store = served
     folder, lance_path = images
@@ -150,6 +146,7 @@ def test_serial_round_trips_counts_overlapping_requests_once():
     assert serial_round_trips(list(reversed(take))) == 3  # the order of the log does not matter
 
 
+@pytest.mark.slow  # a moto server
 def test_cli_end_to_end_on_folder_and_lance(images, tmp_path, capsys):
     folder, lance_path = images
     assert "--delay-ms" in build_parser().format_help()
@@ -173,6 +170,7 @@ def test_cli_end_to_end_on_folder_and_lance(images, tmp_path, capsys):
         main(["--formats", "imagefolder"])  # neither the data nor a saved report
 
 
+@pytest.mark.slow  # a moto server
 def test_peers_fetch_each_shard_once(images, tmp_path):
     for module in ("webdataset", "streaming", "litdata"):
         pytest.importorskip(module, reason="needs the bench extra (.venv-bench)")

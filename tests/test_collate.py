@@ -131,37 +131,15 @@ def test_kernels_match_the_v2_transforms(train):
     assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("decoder", ["pil", "torchvision"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.uint8])
-def test_batch_is_channels_last_with_the_same_values(decoder, dtype):
-    rows = rows_of(mixed_blobs())
-    images = ImageCollate(size=20, decoder=decoder, dtype=dtype)(rows).image
-    assert images.is_contiguous(memory_format=torch.channels_last)
-    reference = ImageCollate(size=20, decoder=decoder, dtype=torch.uint8)(rows).image
-    if dtype == torch.float32:
-        reference = reference.float() / 255
-    assert torch.equal(images.contiguous(), reference.contiguous())
-
-
-@pytest.mark.parametrize("size", [16, 160])  # 147 KB: by value through the pipe; 4.9 MB: shared memory
-def test_batch_crosses_processes_unchanged(size):
-    """Batch pickling (what a worker does to hand a batch over) keeps shape, strides, dtype and values,
-    by value when small, through torch's shared-memory reduction when large."""
-    import io as _io
-    from multiprocessing.reduction import ForkingPickler
-
-    import torch.multiprocessing  # noqa: F401 - registers torch's shared-memory reductions
-
-    from lance_cookbook.recipe.collate import BY_VALUE_MAX_BYTES
-
-    batch = ImageCollate(size=size, decoder="torchvision", dtype=torch.uint8)(
-        rows_of([encode(photo(i, (90, 70)), "JPEG") for i in range(64)])
-    )
-    buf = _io.BytesIO()
-    ForkingPickler(buf, 2).dump(batch)
-    small = batch.image.numel() <= BY_VALUE_MAX_BYTES
-    assert (len(buf.getvalue()) > batch.image.numel()) == small  # the pixels are in the pickle, or not
-    clone = pickle.loads(pickle.dumps(batch))
-    assert isinstance(clone, Batch)
-    for a, b in zip(clone, batch, strict=True):
-        assert torch.equal(a, b) and a.stride() == b.stride() and a.dtype == b.dtype
+def test_evaluation_keeps_proportions_with_both_decoders():
+    """train=False: shorter side resized, centre crop (torchvision's reference recipe), so a wide photo's
+    middle fills the output instead of the whole photo being squashed."""
+    wide = Image.new("RGB", (64, 16), (255, 0, 0))
+    wide.paste((0, 0, 255), (24, 0, 40, 16))  # a blue band in the middle third of a red photo
+    blob = encode(wide, "PNG")
+    for decoder in ("pil", "torchvision"):
+        collate = ImageCollate(14, decoder=decoder, dtype=torch.uint8, crop_fraction=0.875)
+        assert collate.resize_size == 16
+        image = collate([{"image": blob, "label": 0}]).image[0]
+        # the 14 px crop of a 64x16 photo resized to 64x16 is columns 25-38: all blue
+        assert image.shape == (3, 14, 14) and (image[2] > 200).all() and (image[0] < 55).all(), decoder

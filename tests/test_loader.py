@@ -8,18 +8,8 @@ import time
 import pytest
 import torch
 from conftest import encode, photo
-from PIL import Image
-from torch.utils.data import default_collate
 
-from lance_cookbook import (
-    DatasetNotFound,
-    ImageCollate,
-    ShardSampler,
-    label_names,
-    make_loader,
-    open_dataset,
-    to_device,
-)
+from lance_cookbook import DatasetNotFound, ImageCollate, label_names, make_loader, open_dataset, to_device
 
 
 def decoded_ids(images: torch.Tensor) -> list[int]:
@@ -27,6 +17,7 @@ def decoded_ids(images: torch.Tensor) -> list[int]:
     return (images[:, 0, 0, 0].long() + 256 * images[:, 1, 0, 0].long()).tolist()
 
 
+@pytest.mark.slow  # spawn workers, > 5 s
 @pytest.mark.parametrize("context", [None, "spawn"])
 def test_two_workers_yield_every_row_once_per_epoch(id_dataset, context):
     loader = make_loader(
@@ -62,6 +53,7 @@ def test_default_collate_is_the_fast_uint8_path(id_dataset):
     assert x.dtype == torch.float32 and -1.0 <= x.min() and x.max() <= 1.0
 
 
+@pytest.mark.slow  # spawn workers, > 5 s
 def test_workers_hand_over_the_same_channels_last_batches(id_dataset):
     """Through 2 spawn workers (small batches by value, the 4.8 MB one through shared memory) the batches
     equal the in-process ones, strides included."""
@@ -84,46 +76,6 @@ def test_loader_reads_only_what_the_collate_needs(id_dataset):
         make_loader(id_dataset, columns=["pixels"])
 
 
-def test_rows_come_back_in_the_order_asked_with_duplicates(id_dataset):
-    ds = open_dataset(id_dataset, columns=["id"])
-    rows = ds.__getitems__([7, 2, 7, 0])
-    assert [row["id"] for row in rows] == [7, 2, 7, 0]
-    assert rows.indices == [7, 2, 7, 0] and all(set(row) == {"id"} for row in rows)
-    assert rows.describe(1).startswith("row 2 (source=") and rows.describe(1).endswith(".png')")
-    assert rows == [{"id": 7}, {"id": 2}, {"id": 7}, {"id": 0}] and default_collate(rows)["id"].tolist() == [
-        7,
-        2,
-        7,
-        0,
-    ]
-
-
-def test_to_device_does_not_modify_float_input():
-    images = torch.full((1, 3, 2, 2), 0.5)
-    out, _ = to_device((images, torch.zeros(1, dtype=torch.int64)), "cpu", (0.5,) * 3, (0.25,) * 3)
-    assert torch.equal(images, torch.full((1, 3, 2, 2), 0.5)) and out.abs().max() == 0
-
-
-def test_shard_sampler_partitions_for_any_world_size():
-    for n in (0, 1, 7, 53, 100):
-        for world in (1, 2, 3, 4, 8):
-            shards = [list(ShardSampler(n, num_replicas=world, rank=r)) for r in range(world)]
-            assert sorted(i for s in shards for i in s) == list(range(n))
-            assert max(map(len, shards)) - min(map(len, shards)) <= 1
-
-
-def test_version_pins_rows(tmp_path):
-    from data_prep.convert import convert
-
-    uri = tmp_path / "v.lance"
-    convert("digits", uri, max_rows=10, progress=False)
-    convert("digits", uri, max_rows=4, overwrite=True, progress=False)
-    assert len(open_dataset(uri)) == 4
-    assert len(open_dataset(uri, version=1)) == 10
-    with pytest.raises(DatasetNotFound, match="version 9"):
-        open_dataset(uri, version=9)
-
-
 @pytest.mark.parametrize("bad", ["missing.lance", "not-a-dataset", "a-file.txt"])
 def test_bad_uri_fails_in_main_process_naming_it(tmp_path, bad):
     (tmp_path / "not-a-dataset").mkdir()
@@ -132,14 +84,6 @@ def test_bad_uri_fails_in_main_process_naming_it(tmp_path, bad):
     with pytest.raises(DatasetNotFound, match=bad):
         make_loader(uri, num_workers=2)
     assert not multiprocessing.active_children()  # raised before any worker started
-
-
-def test_fork_is_refused_with_the_reason(id_dataset):
-    for ctx in ("fork", multiprocessing.get_context("fork")):
-        with pytest.raises(ValueError, match="fork.*not safe with Lance.*spawn"):
-            make_loader(id_dataset, num_workers=1, multiprocessing_context=ctx)
-    forkserver = make_loader(id_dataset, num_workers=1, multiprocessing_context="forkserver")
-    assert forkserver.multiprocessing_context.get_start_method() == "forkserver"
 
 
 def test_worker_failure_reaches_main_with_original_traceback(tmp_path):
@@ -171,14 +115,6 @@ class SlowCollate:
         time.sleep(30)
 
 
-def test_rows_pickle_as_a_plain_list(id_dataset):
-    import pickle
-
-    rows = open_dataset(id_dataset, columns=["id"]).__getitems__([3, 1])
-    clone = pickle.loads(pickle.dumps(rows))
-    assert type(clone) is list and clone == [{"id": 3}, {"id": 1}]
-
-
 def test_columns_follow_the_collate_and_a_string_is_refused(id_dataset):
     class ReadsSource(ImageCollate):
         columns = ("image", "label", "source")
@@ -197,57 +133,7 @@ def row_ids(rows: list[dict]) -> list[int]:
     return [r["id"] for r in rows]
 
 
-@pytest.fixture
-def twelve_rows(tmp_path):
-    """12 rows (``id`` 0-11) in 3 fragments of at most 5, as in the ddp-index-bounds report."""
-    import lance
-    import pyarrow as pa
-
-    uri = str(tmp_path / "twelve.lance")
-    lance.write_dataset(pa.table({"id": list(range(12))}), uri, max_rows_per_file=5)
-    return uri
-
-
-def test_indices_behave_like_a_list(twelve_rows):
-    ds = open_dataset(twelve_rows, columns=["id"])
-    assert len(ds) == 12
-    assert ds[-1] == {"id": 11} and ds[-12] == {"id": 0}
-    assert [r["id"] for r in list(ds)] == list(range(12))  # iteration stops at IndexError
-    for bad in (12, -13, 10**6):
-        with pytest.raises(IndexError, match=rf"index {bad} is out of range for 12 rows of .*twelve.lance"):
-            ds[bad]
-    assert ds[torch.tensor(3)] == {"id": 3}
-    with pytest.raises(TypeError, match="integers, not float"):
-        ds[1.0]
-
-
-def test_a_sampler_index_past_the_end_names_index_and_length(twelve_rows):
-    loader = make_loader(twelve_rows, batch_size=2, num_workers=0, sampler=[0, 989], collate_fn=row_ids)
-    with pytest.raises(IndexError, match="index 989 is out of range for 12 rows"):
-        list(loader)
-    negative = make_loader(twelve_rows, batch_size=2, num_workers=0, sampler=[-1, 0], collate_fn=row_ids)
-    assert list(negative) == [[11, 0]]
-
-
-@pytest.mark.parametrize("change", ["delete", "overwrite"])
-def test_workers_read_the_version_open_dataset_opened(tmp_path, change):
-    import lance
-    import pyarrow as pa
-
-    uri = str(tmp_path / "d.lance")
-    lance.write_dataset(pa.table({"id": list(range(40))}), uri, max_rows_per_file=16)
-    ds = open_dataset(uri, columns=["id"])
-    assert ds.version == 1
-    if change == "delete":  # another writer commits after the training code opened the data
-        lance.dataset(uri).delete("id < 10")
-    else:
-        lance.write_dataset(pa.table({"id": list(range(100, 130))}), uri, mode="overwrite")
-    loader = make_loader(ds, batch_size=4, num_workers=1, collate_fn=row_ids, shuffle=True)
-    assert sorted(i for batch in loader for i in batch) == list(range(40))
-    by_uri = make_loader(uri, batch_size=8, num_workers=0, collate_fn=row_ids, columns=["id"])
-    assert by_uri.dataset.version == 2 and len(by_uri.dataset) == 30
-
-
+@pytest.mark.slow  # spawn workers, > 5 s
 def test_a_second_pass_while_one_runs_sees_every_row(id_dataset):
     loader = make_loader(id_dataset, batch_size=8, num_workers=1, collate_fn=row_ids, columns=["id"])
     assert loader.persistent_workers
@@ -277,32 +163,3 @@ def test_batch_size_none_gives_one_decoded_row_per_item(id_dataset):
     assert (
         decoded_ids(image[None]) == [21] and int(label) == 0
     )  # rows follow class folders: c0 holds 0, 3, 6 ...
-
-
-def test_evaluation_keeps_proportions_with_both_decoders():
-    """train=False: shorter side resized, centre crop (torchvision's reference recipe), so a wide photo's
-    middle fills the output instead of the whole photo being squashed."""
-    wide = Image.new("RGB", (64, 16), (255, 0, 0))
-    wide.paste((0, 0, 255), (24, 0, 40, 16))  # a blue band in the middle third of a red photo
-    blob = encode(wide, "PNG")
-    for decoder in ("pil", "torchvision"):
-        collate = ImageCollate(14, decoder=decoder, dtype=torch.uint8, crop_fraction=0.875)
-        assert collate.resize_size == 16
-        image = collate([{"image": blob, "label": 0}]).image[0]
-        # the 14 px crop of a 64x16 photo resized to 64x16 is columns 25-38: all blue
-        assert image.shape == (3, 14, 14) and (image[2] > 200).all() and (image[0] < 55).all(), decoder
-
-
-def test_the_fork_server_preloads_torch_and_never_lance():
-    """Workers fork from a server that imported torch once (fast start); Lance must be imported only after
-    the fork (lance#3727), and a script's __main__ may import it, so neither is preloaded."""
-    import multiprocessing.forkserver
-
-    from lance_cookbook.recipe.start_method import lance_safe_context
-
-    if "forkserver" not in multiprocessing.get_all_start_methods():
-        pytest.skip("this platform has no forkserver: spawn is used")
-    multiprocessing.set_forkserver_preload(["__main__", "lance", "json"])
-    lance_safe_context(["torch", "numpy"])
-    preload = multiprocessing.forkserver._forkserver._preload_modules
-    assert preload == ["json", "torch", "numpy"]

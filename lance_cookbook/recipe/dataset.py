@@ -14,17 +14,8 @@ from lance.torch.data import SafeLanceDataset
 
 from .store_errors import silent_endpoint_reason, store_error_reason
 
-__all__ = [
-    "open_dataset",
-    "LanceImageDataset",
-    "Rows",
-    "label_names",
-    "stored_metadata",
-    "dataset_options",
-    "DatasetNotFound",
-    "EmptyDataset",
-    "latest_version",
-]
+__all__ = ["open_dataset", "LanceImageDataset", "Rows", "label_names", "stored_metadata", "dataset_options"]
+__all__ += ["DatasetNotFound", "EmptyDataset", "latest_version"]
 
 
 class DatasetNotFound(FileNotFoundError):
@@ -32,11 +23,11 @@ class DatasetNotFound(FileNotFoundError):
 
 
 class EmptyDataset(ValueError):
-    """A dataset that has no rows where rows are needed (training or evaluation); the message names it."""
+    """A dataset with no rows where rows are needed (training or evaluation); the message names it."""
 
 
 def dataset_options(version: int | str | None = None, storage_options: dict[str, str] | None = None) -> dict:
-    """The ``lance.dataset`` keyword arguments that ``SafeLanceDataset`` hands to every worker."""
+    """Return the ``lance.dataset`` keyword arguments that ``SafeLanceDataset`` hands to every worker."""
     options: dict[str, Any] = {}
     if version is not None:
         options["version"] = version
@@ -59,12 +50,10 @@ def _open(uri: str | os.PathLike, options: dict) -> lance.LanceDataset:
 
 
 class Rows(list):
-    """The rows of one batched read: a plain ``list[dict]`` (``default_collate`` and any other collate take
-    it as one) that also knows where each row came from.
+    """The rows of one batched read: a plain ``list[dict]`` that also knows where each row came from.
 
-    ``indices[i]`` is the dataset position of ``rows[i]``; ``describe(i)`` names that row and looks up its
-    ``source`` (or ``id``) column only then, so a decode error can name the file although the batch read
-    only the image and label columns. The dicts themselves hold exactly the columns read.
+    ``indices[i]`` is the dataset position of ``rows[i]``; ``describe(i)`` looks up that row's ``source``
+    (or ``id``) column only when asked, so a decode error can name the file.
     """
 
     def __init__(self, rows: list[dict[str, Any]], dataset: LanceImageDataset, indices: list[int]):
@@ -76,6 +65,7 @@ class Rows(list):
         return (list, (list(self),))  # a plain list: no dataset handle rides along to another process
 
     def describe(self, position: int) -> str:
+        """Name the row at ``position``: its index and its ``source`` or ``id`` column if it has one."""
         index = self.indices[position]
         ds = self.dataset._ds
         if ds is None:
@@ -92,16 +82,10 @@ class Rows(list):
 class LanceImageDataset(SafeLanceDataset):
     """``SafeLanceDataset`` whose batched read takes only ``columns`` and whose indices behave like a list's.
 
-    ``__getitems__(indices)`` does one ``take`` of the listed columns and returns their rows as
-    :class:`Rows` (a ``list[dict]``) in the order asked for, duplicates included; a decode error can still
-    name the row's source file through ``Rows.describe``. ``columns=None`` reads every column, as
-    ``SafeLanceDataset`` does. Opens lazily in each worker and pickles cheaply, like its parent.
-
-    Indices follow Python's sequence protocol: a negative index counts from the end, and one outside
-    ``[-len, len)`` raises ``IndexError`` naming the index, the length and the URI, so ``list(ds)`` and
-    ``for row in ds`` stop at the end. (Lance itself raises ``OSError`` past the end and ``OverflowError``
-    for a negative index.) Any integer type is accepted (``int``, numpy integers, 0-d integer tensors);
-    anything else raises ``TypeError``.
+    ``__getitems__(indices)`` does one ``take`` and returns :class:`Rows` in the order asked, duplicates
+    included; ``columns=None`` reads every column. A negative index counts from the end; one outside
+    ``[-len, len)`` raises ``IndexError`` naming the index, the length and the URI (Lance raises
+    ``OSError`` or ``OverflowError``); a non-integer raises ``TypeError``. Opens lazily in each worker.
     """
 
     def __init__(
@@ -147,22 +131,16 @@ def open_dataset(
     storage_options: dict[str, str] | None = None,
     columns: list[str] | tuple[str, ...] | None = None,
 ) -> LanceImageDataset:
-    """:class:`LanceImageDataset` (a ``SafeLanceDataset``) over ``uri``, checked in the calling process.
-
-    The dataset is opened here once (so a wrong path, or a column it lacks, fails now, naming the URI,
-    instead of inside a worker) and then lazily in each worker.
+    """Open ``uri`` as a :class:`LanceImageDataset`: checked here, then opened lazily in each worker.
 
     Parameters
     ----------
     uri : str or os.PathLike
         Local path or object-store URI (``s3://bucket/prefix.lance``).
     version : int or str, optional
-        The version (number or tag) to read. Default: the latest version *at this call*, and that version
-        is pinned, so every worker reads exactly the rows ``len()`` counted even if another writer commits
-        (deletes, appends, overwrites) before the workers start. ``SafeLanceDataset`` alone would let each
-        worker open whatever is latest when it starts.
+        Default: the latest *at this call*, pinned, so every worker reads the rows ``len()`` counted.
     storage_options : dict, optional
-        Object-store credentials and endpoint; they reach every worker through ``dataset_options``.
+        Object-store credentials and endpoint; they reach every worker.
     columns : list of str, optional
         What each batch reads (default: every column).
 
@@ -176,7 +154,7 @@ def open_dataset(
     DatasetNotFound
         No readable Lance dataset (or no such version) at ``uri``.
     KeyError
-        A name in ``columns`` is not a column of the dataset; the message lists those it has.
+        A column the dataset lacks; the message lists those it has.
     """
     options = dataset_options(version, storage_options)
     ds = _open(uri, options)
@@ -192,15 +170,16 @@ def open_dataset(
 
 
 def latest_version(uri: str | os.PathLike, *, storage_options: dict[str, str] | None = None) -> int:
-    """The newest version number of the dataset at ``uri``; raises :class:`DatasetNotFound` naming it."""
+    """Return the newest version number of the dataset at ``uri``; raises :class:`DatasetNotFound`."""
     return _open(uri, dataset_options(storage_options=storage_options)).version
 
 
 def stored_metadata(schema: pa.Schema, field: str, key: bytes) -> bytes | None:
-    """The value of ``key`` in the metadata of ``field`` of ``schema``, else in the schema-level metadata
-    (where datasets converted before the move to fields keep it: ``python -m data_prep.migrate`` moves it);
-    ``None`` when neither has it. Schema-level metadata makes LanceDB 0.40.0's loaders panic
-    (docs/lance_loaders.md), so new datasets store it on the field."""
+    """Return ``key`` from the metadata of ``field``, else of the schema (older datasets); ``None`` if absent.
+
+    New datasets store it on the field: schema-level metadata makes LanceDB's loaders panic
+    (docs/lance_loaders.md; ``python -m data_prep.migrate`` moves it).
+    """
     on_field = schema.field(field).metadata if field in schema.names else None
     return (on_field or {}).get(key) or (schema.metadata or {}).get(key)
 
@@ -211,10 +190,11 @@ def label_names(
     version: int | str | None = None,
     storage_options: dict[str, str] | None = None,
 ) -> list[str]:
-    """Class names stored by the conversion (``label_names``, a JSON list, in the metadata of the ``label``
-    field, else of the schema as datasets converted before the move keep it), in class-index order; ``[]``
-    when the dataset stores none. Raises :class:`DatasetNotFound`; ``json.JSONDecodeError`` when the stored
-    value is not JSON."""
+    """Return the class names stored by the conversion, in class-index order; ``[]`` when none are.
+
+    Read from ``label_names`` (a JSON list) in the metadata of the ``label`` field (:func:`stored_metadata`).
+    Raises :class:`DatasetNotFound`, or ``json.JSONDecodeError`` when the stored value is not JSON.
+    """
     ds = _open(uri, dataset_options(version, storage_options))
     raw = stored_metadata(ds.schema, "label", b"label_names")
     return json.loads(raw) if raw else []

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .collate import Batch
+from .handover import Batch
 
 __all__ = ["to_device", "IMAGENET_MEAN", "IMAGENET_STD"]
 
@@ -23,11 +23,32 @@ def to_device(
     non_blocking: bool = True,
     channels_last: bool = False,
 ) -> Batch:
-    """Copy ``(images, labels)`` to ``device``; uint8 images become float32 in [0, 1] there.
+    """Copy ``(images, labels)`` to ``device``; uint8 images become float32 in [0, 1] there, then normalized.
 
-    Handing uint8 across processes and to the GPU moves 4x fewer bytes than float32; the conversion and
-    ``(x - mean) / std`` are one cheap elementwise pass on the device. ``non_blocking`` overlaps the copy
-    with compute when the loader pins memory (``pin_memory=True``).
+    Parameters
+    ----------
+    batch : Batch or tuple of (Tensor, Tensor)
+        Images ``[B, 3, H, W]`` (uint8 or floating point) and labels ``[B]``.
+    device : torch.device or str
+        Where to copy them.
+    mean, std : sequence of float, optional
+        Per-channel ``(x - mean) / std`` after scaling (``IMAGENET_MEAN``, ``IMAGENET_STD``); both or neither.
+    non_blocking : bool
+        Overlap the copy with compute (when the loader pins memory).
+    channels_last : bool
+        Return the images with NHWC strides.
+
+    Returns
+    -------
+    Batch
+        Float images and the labels on ``device``; a float input is not modified.
+
+    Raises
+    ------
+    TypeError
+        Images neither uint8 nor floating point.
+    ValueError
+        Only one of ``mean`` and ``std``.
     """
     images, labels = batch
     images = images.to(device, non_blocking=non_blocking)

@@ -1,5 +1,4 @@
-"""The recommended DataLoader over a Lance dataset: batched reads, forkserver or spawn workers, decode in the
-collate."""
+"""The recommended DataLoader over Lance: batched reads, forkserver workers, decode in the collate."""
 
 from __future__ import annotations
 
@@ -20,8 +19,7 @@ __all__ = ["make_loader", "default_workers", "check_start_method", "ReentrantDat
 
 
 def default_workers() -> int:
-    """One worker per available core, at most 8 (decode is CPU-bound; more workers than cores only add
-    start-up time and memory)."""
+    """Return one worker per available core, at most 8 (decode is CPU-bound)."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
@@ -30,23 +28,12 @@ def default_workers() -> int:
 
 
 class WorkerInit:
-    """``worker_init_fn`` of :func:`make_loader`'s workers: what a forkserver or spawn worker does not get
-    from the process that started it, then ``worker_init_fn`` (the caller's, if any).
+    """``worker_init_fn`` of :func:`make_loader`'s workers; then calls the caller's ``worker_init_fn``.
 
-    - **It ends with that process.** :func:`.start_method.end_with_process`: a worker whose
-      training process or notebook kernel was SIGKILLed exits at once, and so does the fork server after
-      it; PyTorch's own check watches the parent, which under forkserver is the fork server.
-    - **It shares tensors the same way.** ``torch.multiprocessing.set_sharing_strategy('file_system')``,
-      PyTorch's remedy for "Too many open files" (pytorch/pytorch#11201), is per process; a worker forked
-      from a fresh fork server keeps the default ``file_descriptor`` (pytorch/pytorch#75269). The strategy
-      the starting process uses when the workers start is applied in each worker.
-    - **It leaves SIGINT to that process.** Jupyter's Kernel > Interrupt sends SIGINT to the kernel's whole
-      process group, workers included; PyTorch's worker loop then exits, and a loader's *persistent* workers
-      were dead for every later pass (open-mmlab/mmdetection#410). The main process gets the
-      ``KeyboardInterrupt`` and stops or resets the workers itself.
-
-    The pid and the strategy are read when the object is pickled, which the loader does in the process that
-    starts its workers, at that moment.
+    A forkserver or spawn worker ends with the process that started it (``end_with_process``: no orphans
+    after a SIGKILL), uses its tensor sharing strategy (per process, pytorch/pytorch#75269) and ignores
+    SIGINT (Kernel > Interrupt killed persistent workers, open-mmlab/mmdetection#410). The pid and the
+    strategy are read when pickled, as the workers start.
     """
 
     def __init__(self, worker_init_fn: Callable[[int], Any] | None = None):
@@ -62,6 +49,7 @@ class WorkerInit:
         }
 
     def __call__(self, worker_id: int) -> None:
+        """Run in worker ``worker_id`` as it starts."""
         end_with_process(self.owner_pid)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         torch.multiprocessing.set_sharing_strategy(self.sharing_strategy)
@@ -72,15 +60,9 @@ class WorkerInit:
 class ReentrantDataLoader(DataLoader):
     """A ``DataLoader`` whose persistent workers never serve two passes at once.
 
-    With ``persistent_workers=True`` a plain ``DataLoader`` keeps one iterator and ``iter(loader)`` resets and
-    returns it, so a second pass started while one is running (a full evaluation pass over the same loader
-    mid-epoch, ``zip(loader, loader)``) silently cuts the first short: both share one stream of batches
-    (torchrec#2327). Here only one pass at a time uses the persistent workers; a pass started while another is
-    still running gets a ``DataLoader`` of its own with short-lived workers (same dataset, sampler, collate
-    and options), so every pass yields every batch once. That pass pays the worker start-up again
-    (milliseconds from the fork server, about 3 s for 2 spawn workers, ``docs/benchmark.md``). A pass ends
-    when its iterator is exhausted or dropped (``break`` out of the loop). Constructor arguments are
-    ``DataLoader``'s.
+    A plain one resets its persistent iterator on ``iter(loader)``, so a second pass started while one
+    runs silently cut the first short (torchrec#2327); here it gets short-lived workers of its own. A pass
+    ends when its iterator is exhausted or dropped. Constructor arguments are ``DataLoader``'s.
     """
 
     def __init__(self, *args: Any, **kwargs: Any):
@@ -98,8 +80,7 @@ class ReentrantDataLoader(DataLoader):
 
 
 class _Pass:
-    """One pass over a :class:`ReentrantDataLoader`'s persistent workers; marks the loader busy until the
-    pass is exhausted or the iterator is dropped."""
+    """One pass over the persistent workers; marks the loader busy until exhausted or dropped."""
 
     def __init__(self, loader: ReentrantDataLoader, iterator: Any):
         self._loader = loader
@@ -143,70 +124,59 @@ def make_loader(
     persistent_workers: bool | None = None,
     **dataloader_kwargs: Any,
 ) -> DataLoader:
-    """The recommended ``DataLoader`` over ``SafeLanceDataset``.
+    """Build the recommended ``DataLoader`` over a Lance dataset: batched reads, decode in the workers.
 
-    - Reads are batched: the loader hands each worker a list of indices and ``SafeLanceDataset.__getitems__``
-      fetches them with one ``take``; ``collate_fn`` then decodes the bytes in the worker.
-    - Default ``collate_fn``: ``ImageCollate(224, decoder="torchvision", dtype=torch.uint8)`` (the fastest
-      path measured; finish on the device with :func:`lance_cookbook.to_device`).
-    - ``num_workers`` defaults to :func:`default_workers`; workers persist across epochs and start from a
-      fork server that imported torch, torchvision, PIL and numpy once, never Lance
-      (:func:`lance_cookbook.recipe.start_method.lance_safe_context`; spawn where the platform has no
-      forkserver): a loader's first batch comes in well under a second instead of about 3 s with spawn
-      (``docs/benchmark.md``). ``multiprocessing_context="spawn"`` still works; ``fork`` is refused
-      (lance#3640). ``pin_memory`` defaults to ``torch.cuda.is_available()``.
-    - Each worker runs :class:`WorkerInit` first (then ``worker_init_fn``, if given): it exits when the
-      process that started it dies (a SIGKILLed rank or kernel leaves no worker nor fork server behind),
-      uses that process's tensor sharing strategy, and ignores SIGINT (a notebook's Kernel > Interrupt
-      leaves persistent workers usable).
-    - A URI is opened here first, so a wrong path fails now with its name; ``version`` and
-      ``storage_options`` reach every worker.
-    - ``columns``: what each batch reads from a URI. ``"auto"`` (default) reads the columns the collate
-      names in its ``columns`` attribute (:class:`ImageCollate`: image and label; the other columns cost
-      Lance a fifth more per small image) and every column for a collate without one; ``None`` reads
-      every column.
-    - Returns a :class:`ReentrantDataLoader`: with persistent workers (the default when
-      ``num_workers > 0``), a second pass started while one is running gets workers of its own instead
-      of silently sharing the first pass's batches.
-    - ``batch_size=None`` turns batching off as in ``DataLoader``: each item is one row, decoded by
-      ``ImageCollate`` into an unbatched ``(image [3, S, S], label [])``.
-    - Pass ``sampler=DistributedSampler(...)`` for DDP training (call ``sampler.set_epoch(epoch)`` every
-      epoch) or :class:`lance_cookbook.ShardSampler` for exactly-once evaluation.
-    Other keyword arguments (``timeout``, ``prefetch_factor``, ``drop_last``, ``generator`` ...) go to
-    ``DataLoader``.
+    One ``take`` a batch; workers fork from a server that preloaded torch but never Lance
+    (``lance_safe_context``), persist across epochs and run :class:`WorkerInit` (``docs/training.md``).
+
+    Parameters
+    ----------
+    uri_or_dataset : str, os.PathLike or Dataset
+        A Lance URI, opened here first (a wrong path fails now, naming it), or a dataset.
+    batch_size, shuffle, sampler : optional
+        As ``DataLoader``'s (``batch_size=None``: one row per item); ``DistributedSampler`` or
+        ``BlockShuffleSampler`` (``set_epoch`` every epoch), ``ShardSampler`` for evaluation.
+    num_workers, pin_memory : optional
+        Default :func:`default_workers` (0: read in this process) and ``torch.cuda.is_available()``.
+    collate_fn : callable, optional
+        Default ``ImageCollate(224, decoder="torchvision", dtype=torch.uint8)``; finish with ``to_device``.
+    version, storage_options : optional
+        With a URI: the version every worker reads (default the latest, pinned now), the store's options.
+    columns : list of str, None or "auto"
+        With a URI: what each batch reads; ``"auto"``: the collate's ``columns`` (else all), ``None``: all.
+    multiprocessing_context, persistent_workers : optional
+        Default forkserver (spawn where missing; ``"fork"`` is refused, lance#3640) and ``True``.
+    **dataloader_kwargs
+        Passed to ``DataLoader`` (``timeout``, ``drop_last``, ``worker_init_fn`` ...).
+
+    Returns
+    -------
+    ReentrantDataLoader
+        A second pass started while one runs gets workers of its own.
+
+    Raises
+    ------
+    DatasetNotFound, KeyError, TypeError
+        No readable dataset (or version) at the URI; a column it lacks; ``columns`` not a list of names.
+    ValueError
+        ``version``, ``storage_options`` or ``columns`` with a dataset; ``shuffle`` with a sampler;
+        ``num_workers < 0``; ``persistent_workers`` without workers; the ``fork`` start method.
     """
     if collate_fn is None:
         collate_fn = ImageCollate(224, decoder="torchvision", dtype=torch.uint8)
-    if isinstance(uri_or_dataset, (str, os.PathLike)):
-        if columns == "auto":
-            columns = getattr(collate_fn, "columns", None)
-        if not (
-            columns is None or isinstance(columns, (list, tuple)) and all(isinstance(c, str) for c in columns)
-        ):
-            raise TypeError(f"columns takes a list of column names, not {columns!r}")
-        dataset = open_dataset(
-            uri_or_dataset, version=version, storage_options=storage_options, columns=columns
-        )
-    else:
-        if version is not None or storage_options or columns != "auto":
-            raise ValueError(
-                "version, storage_options and columns apply to a URI; open the dataset with them instead"
-            )
-        dataset = uri_or_dataset
+    dataset = _dataset(uri_or_dataset, version, storage_options, columns, collate_fn)
     if sampler is not None and shuffle:
         raise ValueError("shuffle=True conflicts with a sampler: the sampler decides the order")
     num_workers = default_workers() if num_workers is None else num_workers
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-    if pin_memory is None:
-        pin_memory = torch.cuda.is_available()
     kwargs: dict[str, Any] = dict(
         batch_size=batch_size,
         shuffle=shuffle,
         sampler=sampler,
         num_workers=num_workers,
         collate_fn=collate_fn,
-        pin_memory=pin_memory,
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
     )
     if num_workers > 0:
         if multiprocessing_context is None:
@@ -217,5 +187,23 @@ def make_loader(
         kwargs["worker_init_fn"] = WorkerInit(dataloader_kwargs.pop("worker_init_fn", None))
     elif persistent_workers:
         raise ValueError("persistent_workers=True needs num_workers > 0")
-    kwargs.update(dataloader_kwargs)
-    return ReentrantDataLoader(dataset, **kwargs)
+    return ReentrantDataLoader(dataset, **{**kwargs, **dataloader_kwargs})
+
+
+def _dataset(
+    uri_or_dataset: Any, version: Any, storage_options: Any, columns: Any, collate_fn: Any
+) -> Dataset:
+    """Open a URI with ``version``, ``storage_options`` and ``columns``; refuse them with a dataset."""
+    if not isinstance(uri_or_dataset, (str, os.PathLike)):
+        if version is not None or storage_options or columns != "auto":
+            raise ValueError(
+                "version, storage_options and columns apply to a URI; open the dataset with them instead"
+            )
+        return uri_or_dataset
+    if columns == "auto":
+        columns = getattr(collate_fn, "columns", None)
+    if not (
+        columns is None or isinstance(columns, (list, tuple)) and all(isinstance(c, str) for c in columns)
+    ):
+        raise TypeError(f"columns takes a list of column names, not {columns!r}")
+    return open_dataset(uri_or_dataset, version=version, storage_options=storage_options, columns=columns)

@@ -1,15 +1,7 @@
-"""Data-wait meter: how much of each training step is spent waiting for the next batch.
+"""Data-wait meter: the share of each training step spent waiting for the next batch.
 
-The one figure that says whether the loader is the bottleneck (pytorch/examples ``imagenet/main.py``
-measures it as ``data_time``). Wrap any iterable of batches::
-
-    meter = DataWaitMeter()
-    for images, labels in meter.wrap(loader):
-        ...  # forward, backward, step
-    print(f"{meter.wait_fraction:.0%} of the time waiting for data")
-
-A fraction near 0 means the model is the bottleneck and more workers will not help; near 1 means the
-GPU (or CPU) sits idle waiting for batches: add workers, decode less, or read faster.
+Near 0, the model is the bottleneck; near 1, add workers, decode less or read faster (``data_time`` in
+pytorch/examples' ``imagenet/main.py``).
 """
 
 from __future__ import annotations
@@ -24,24 +16,17 @@ T = TypeVar("T")
 
 
 class DataWaitMeter:
-    """Sums, over the steps of a loop, the seconds spent waiting for each batch and the seconds of each
-    whole step (wait + the loop body), measured with ``time.perf_counter``.
+    """Sum the seconds spent waiting for each batch and of each whole step (``time.perf_counter``).
 
-    A step runs from asking the iterable for a batch to asking for the next one, so the waits and the
-    bodies add up to the loop's wall time. The wait that ends the loop (the iterable saying it is
-    exhausted) is not a step and is not counted. One meter may wrap several loops; the sums accumulate
-    until :meth:`reset`.
+    A step runs from asking for a batch to asking for the next, so waits and bodies add up to the loop's
+    time. Sums accumulate until :meth:`reset`: ``for x, y in meter.wrap(loader): ...``.
 
     Attributes
     ----------
     steps : int
         Batches delivered so far.
-    wait_s : float
-        Seconds spent inside ``next()`` of the wrapped iterable, summed over steps.
-    step_s : float
-        Seconds of whole steps, summed.
-    last_wait_s, last_step_s : float
-        The most recent step's figures (0.0 before the first step).
+    wait_s, step_s, last_wait_s, last_step_s : float
+        Seconds waiting and of whole steps, summed and of the last step.
     """
 
     def __init__(self) -> None:
@@ -57,23 +42,11 @@ class DataWaitMeter:
 
     @property
     def wait_fraction(self) -> float:
-        """``wait_s / step_s`` in [0, 1]; 0.0 when no step has run (an empty loader waits for nothing)."""
+        """``wait_s / step_s`` in [0, 1]; 0.0 when no step has run."""
         return self.wait_s / self.step_s if self.step_s > 0 else 0.0
 
     def wrap(self, batches: Iterable[T]) -> Iterator[T]:
-        """Yield the items of ``batches``, timing each wait and each step.
-
-        Parameters
-        ----------
-        batches : iterable
-            A ``DataLoader`` or any iterable.
-
-        Yields
-        ------
-        object
-            The items of ``batches``, unchanged. Leaving the loop early (``break``) is fine: the steps
-            completed so far stay counted.
-        """
+        """Yield the items of ``batches`` unchanged, timing each wait and step (a ``break`` keeps them)."""
         iterator = iter(batches)
         start = time.perf_counter()
         while True:

@@ -12,8 +12,10 @@ __all__ = ["ShardSampler", "ResumableSampler", "ResumableDistributedSampler", "p
 
 
 def replicas_and_rank(num_replicas: int | None, rank: int | None) -> tuple[int, int]:
-    """``(num_replicas, rank)``, each taken from the process group when ``None`` (1 and 0 without one),
-    as ``DistributedSampler`` does. Raises ``ValueError`` for a world size below 1 or a rank outside it."""
+    """Return ``(num_replicas, rank)``, each from the process group when ``None`` (else 1 and 0).
+
+    Raises ``ValueError`` for a world size below 1 or a rank outside it.
+    """
     initialized = dist.is_available() and dist.is_initialized()
     if num_replicas is None:
         num_replicas = dist.get_world_size() if initialized else 1
@@ -29,11 +31,9 @@ def replicas_and_rank(num_replicas: int | None, rank: int | None) -> tuple[int, 
 class ShardSampler(Sampler[int]):
     """Rank ``r`` of ``w`` gets the contiguous rows ``[n*r//w, n*(r+1)//w)``: no padding, no shuffling.
 
-    ``DistributedSampler`` pads the index list so every rank gets the same count, which makes an evaluation
-    count some samples twice. With this sampler the shards partition the dataset, so summing correct
-    predictions and sample counts over ranks (``all_reduce``) gives exact figures. Shards may differ in
-    length by one, so evaluate on the unwrapped module (``ddp.module``): a DDP forward may run collectives.
-    Contiguous shards keep each worker's ``take`` reads local.
+    ``DistributedSampler`` pads, so an evaluation counts some samples twice (pytorch#25162); these shards
+    partition the dataset, so ``all_reduce`` of correct predictions and counts is exact. Shards may differ by
+    one row: evaluate on ``ddp.module``, whose forward runs no collectives.
     """
 
     def __init__(self, data_source: Sized | int, num_replicas: int | None = None, rank: int | None = None):
@@ -53,35 +53,17 @@ class ShardSampler(Sampler[int]):
 
 
 class ResumableSampler(Sampler[int]):
-    """The resumable part of a DDP training sampler: a place inside the epoch that can be saved as
-    ``(epoch, samples consumed)`` and restored under the same or another number of processes.
+    """A DDP training sampler whose place in an epoch is ``(epoch, samples consumed)``, on any world size.
 
-    A subclass defines the epoch's **global order** (:meth:`_order`): ``total_size`` dataset indices for
-    all ranks together, laid out so that rank ``r`` of ``w`` takes positions ``r, r + w, r + 2w, ...``.
-    A training step of ``b`` samples per rank then consumes the ``w * b`` next positions of that order,
-    and the place inside an epoch is one number: the samples consumed, the same on every rank.
-
-    After :meth:`load_state_dict`, rank ``r`` of ``w`` takes positions ``consumed + r, consumed + r + w,
-    ...`` of the same global order. With the world size unchanged, ``consumed`` is a multiple of ``w * b``
-    and every rank continues with exactly the batches an uninterrupted run would have given it. With
-    another world size (an elastic restart), the remaining positions are split among the new ranks: no
-    sample of the epoch is repeated or skipped; the shards may then differ in length by one (see
-    :meth:`batches_per_rank`). The epoch keeps the padded length and the layout (``order_replicas``, the
-    world size its order was built for) it began with; later epochs are built for the new world size.
+    A subclass defines the epoch's **global order** (:meth:`_order`), rank ``r`` of ``w`` taking positions
+    ``r, r + w, ...``, so a step of ``b`` samples per rank consumes the next ``w * b``. Resumed on another
+    world size, the rest of the epoch is split among the new ranks: nothing repeated or skipped.
 
     Parameters
     ----------
-    dataset : Sized
-        Anything with ``len()``; its indices are ``0 .. n-1``.
-    num_replicas, rank : int, optional
-        World size and this process's rank; default ``torch.distributed``'s if initialised, else 1 and 0.
-    shuffle : bool
-        Shuffle every epoch (``seed + epoch``), or keep an order that only the layout decides.
-    seed : int
-        Base seed; must agree across ranks.
-    drop_last : bool
-        ``False``: pad the global order with its own first indices up to a multiple of the world size;
-        ``True``: cut its tail to one.
+    dataset, num_replicas, rank, shuffle, seed, drop_last
+        As ``DistributedSampler``'s: ``len(dataset)`` rows; world size and rank from ``torch.distributed``
+        (else 1 and 0); shuffle with ``seed + epoch``; pad to a multiple of the world size, or cut.
 
     Raises
     ------
@@ -119,9 +101,7 @@ class ResumableSampler(Sampler[int]):
         return n - n % w if self.drop_last else -(-n // w) * w
 
     def _order(self) -> torch.Tensor:
-        """The epoch's global order: int64, shape ``[total_size]``. Subclasses define it from ``seed``,
-        ``epoch``, ``dataset_size``, ``total_size`` and ``order_replicas`` only, so every rank (and a
-        resumed run) computes the same one."""
+        """Return the epoch's global order, int64 ``[total_size]``, the same on every rank."""
         raise NotImplementedError
 
     def set_epoch(self, epoch: int) -> None:
@@ -136,12 +116,11 @@ class ResumableSampler(Sampler[int]):
         self.order_replicas = self.num_replicas
 
     def global_order(self) -> list[int]:
-        """The epoch's dataset indices for all ranks together, ``total_size`` of them (padding included);
-        rank ``r`` of ``w`` takes positions ``r, r + w, ...`` (from ``consumed + r`` when resuming)."""
+        """Return the epoch's indices for all ranks, ``total_size`` of them, padding included."""
         return self._order().tolist()
 
     def positions(self) -> range:
-        """This rank's positions in :meth:`global_order` for the rest of the epoch, in order."""
+        """Return this rank's positions in :meth:`global_order` for the rest of the epoch."""
         return range(self.start + self.rank, self.total_size, self.num_replicas)
 
     def __iter__(self) -> Iterator[int]:
@@ -152,23 +131,17 @@ class ResumableSampler(Sampler[int]):
         return len(self.positions())
 
     def batches_per_rank(self, batch_size: int) -> list[int]:
-        """How many batches of ``batch_size`` every rank gets for the rest of the epoch.
-
-        Equal unless an elastic restart left a remainder that the new world size does not divide; then
-        the ranks with one batch fewer must join the others' collectives (``DistributedDataParallel.join``).
-        """
+        """Return each rank's batches left; unequal after an elastic restart (see ``DDP.join``)."""
         remaining = self.total_size - self.start
         sizes = [len(range(r, remaining, self.num_replicas)) for r in range(self.num_replicas)]
         return [-(-s // batch_size) for s in sizes]
 
     def consumed(self, steps: int, batch_size: int) -> int:
-        """Global samples consumed in this epoch after ``steps`` steps of this pass in which every rank
-        had a full batch (and at the epoch's end, the padded total)."""
+        """Return samples consumed after ``steps`` full steps of this pass, at most the total."""
         return min(self.total_size, self.start + steps * self.num_replicas * batch_size)
 
     def state_dict(self, consumed: int) -> dict[str, int | bool]:
-        """The state to checkpoint once ``consumed`` samples of the epoch have been trained on; at the
-        epoch's end (``consumed == total_size``) that is the start of the next epoch."""
+        """Return the state to checkpoint after ``consumed`` samples (at the end: the next epoch's start)."""
         done = consumed >= self.total_size
         return {
             "epoch": self.epoch + 1 if done else self.epoch,
@@ -185,9 +158,8 @@ class ResumableSampler(Sampler[int]):
         Raises
         ------
         ValueError
-            Another kind of sampler saved ``state``, or the dataset's length, the seed, the shuffling (or
-            a subclass's order parameters) differ from the checkpoint's: the epoch's order would not be
-            the one that was interrupted.
+            Another kind of sampler saved ``state``, or the dataset length, seed, shuffling or a
+            subclass's order parameters differ: the order would not be the interrupted one.
         """
         saved_by = state.get("sampler", "ResumableDistributedSampler")  # older checkpoints name none
         if saved_by != type(self).__name__:
@@ -213,8 +185,7 @@ class ResumableSampler(Sampler[int]):
 
 
 def pad_order(rows: torch.Tensor, total: int) -> torch.Tensor:
-    """``rows`` cut to ``total``, or padded with its own first rows, repeated as often as needed: how
-    ``DistributedSampler`` pads (also when the dataset is smaller than the world size)."""
+    """Cut ``rows`` to ``total``, or pad it with its first rows repeated, as ``DistributedSampler`` does."""
     if total <= len(rows):
         return rows[:total]
     reps = -(-(total - len(rows)) // len(rows))
@@ -222,16 +193,7 @@ def pad_order(rows: torch.Tensor, total: int) -> torch.Tensor:
 
 
 class ResumableDistributedSampler(ResumableSampler):
-    """``DistributedSampler`` whose place inside an epoch can be saved and restored, under the same or
-    another number of processes (:class:`ResumableSampler`).
-
-    The constructor is ``DistributedSampler``'s, and so is the order: each epoch's **global order** is the
-    permutation seeded by ``seed + epoch`` (``torch.randperm``), padded at the end with the epoch's first
-    samples up to a multiple of the world size (or cut to one with ``drop_last``), and rank ``r`` takes
-    positions ``r, r + w, r + 2w, ...``. A training step of ``b`` samples per rank therefore consumes the
-    ``w * b`` consecutive positions of the global order, and the sampler's state is just
-    ``(epoch, samples consumed)``.
-    """
+    """``DistributedSampler`` (same constructor, same order) that resumes mid-epoch (``ResumableSampler``)."""
 
     def _order(self) -> torch.Tensor:
         n = self.dataset_size

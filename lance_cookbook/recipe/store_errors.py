@@ -1,6 +1,8 @@
-"""What an object-store failure means, in one line a user can act on: Lance's ``OSError`` translated
-(:func:`store_error_reason`), and a silent endpoint caught before Lance's client retries it for minutes
-(:func:`silent_endpoint_reason`)."""
+"""What an object-store failure means, in one line a user can act on.
+
+Lance's ``OSError`` translated (:func:`store_error_reason`), and a silent endpoint caught before Lance's
+client retries it for minutes (:func:`silent_endpoint_reason`).
+"""
 
 from __future__ import annotations
 
@@ -27,15 +29,12 @@ _S3_CODES = {
 
 
 def store_error_reason(uri: str, error: BaseException) -> str | None:
-    """The cause of an object-store failure from Lance, in one short phrase; ``None`` when ``error`` is not
-    one (a local path, an ordinary "not found").
+    """Return the cause of a Lance object-store failure in one short phrase, or ``None`` if it is not one.
 
-    Lance reports every store failure as ``OSError``/``ValueError`` with the server's XML reply or the HTTP
-    client's bare words inside ("Generic S3 error ... HTTP error: builder error", lance#797). This finds
-    the cause: an S3 error code (``NoSuchBucket`` -> ``bucket 'x' does not exist``), an unsupported URI
-    scheme (``s3a://``), a plain-``http://`` endpoint without ``allow_http``, an endpoint that does not
-    answer. Used by :func:`lance_cookbook.open_dataset` and the conversion, so reading and writing say the
-    same thing.
+    Lance reports store failures as ``OSError``/``ValueError`` quoting the server's XML or the HTTP client
+    (lance#797). Recognised: an S3 error code (``NoSuchBucket`` -> ``bucket 'x' does not exist``), an
+    unsupported scheme (``s3a://``), ``http://`` without ``allow_http``, an endpoint that does not answer.
+    Reading (``open_dataset``) and the conversion both use it.
     """
     text = str(error)
     scheme = re.search(r"No object store provider found for scheme: '([^']+)'", text)
@@ -60,22 +59,17 @@ def store_error_reason(uri: str, error: BaseException) -> str | None:
     return None
 
 
-# How long an endpoint that accepted the connection may take to answer one request before we call it silent.
-# Lance's own client retries such a request for minutes: measured against a local socket that accepts and
-# never replies, lance.dataset("s3://...") had not returned after 400 s with default options, and took 245 s
-# with timeout=10s (docs/scale.md).
+# Seconds an endpoint that accepted the connection may take to answer one request before it counts as silent;
+# Lance's own client retries such a request for minutes (docs/scale.md).
 ENDPOINT_REPLY_TIMEOUT_S = 10.0
 
 
 def endpoint_proxy(endpoint: str, storage_options: dict[str, str] | None) -> str | None:
-    """The proxy URL Lance's client sends requests for ``endpoint`` (``http(s)://host:port``) through, or
-    ``None`` for a direct connection.
+    """Return the proxy URL Lance's client uses for ``endpoint`` (``http(s)://host:port``), or ``None``.
 
-    The rules of Lance's client (the ``object_store`` crate over ``reqwest``): the storage option
-    ``proxy_url`` for every request, except to hosts listed in ``proxy_excludes``; without it the
-    environment, ``HTTPS_PROXY``/``HTTP_PROXY`` by the endpoint's scheme, else ``ALL_PROXY`` (either case,
-    lower case first as ``urllib`` reads them), except to hosts listed in ``NO_PROXY``. Both lists are
-    comma-separated host names, domain suffixes, IP addresses or ``*``.
+    The rules of the ``object_store`` crate over ``reqwest``: the storage option ``proxy_url``, except to
+    hosts in ``proxy_excludes``; else ``HTTPS_PROXY``/``HTTP_PROXY`` by scheme, then ``ALL_PROXY`` (lower
+    case first), except to hosts in ``NO_PROXY``.
     """
     parts = urllib.parse.urlsplit(endpoint)
     host = parts.netloc.rsplit("@", 1)[-1]
@@ -91,7 +85,7 @@ def endpoint_proxy(endpoint: str, storage_options: dict[str, str] | None) -> str
 
 
 def _shown(url: str) -> str:
-    """``url`` without the user name and password a proxy URL may carry, for a message."""
+    """Return ``url`` without the user name and password a proxy URL may carry, for a message."""
     parts = urllib.parse.urlsplit(url)
     return parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1]).geturl()
 
@@ -99,21 +93,13 @@ def _shown(url: str) -> str:
 def silent_endpoint_reason(
     storage_options: dict[str, str] | None, timeout_s: float | None = None
 ) -> str | None:
-    """Why the store at ``storage_options["aws_endpoint"]`` cannot be used, when it sends no reply to one
-    HTTP request within ``timeout_s`` (default :data:`ENDPOINT_REPLY_TIMEOUT_S`, 10 s): a server that
-    accepts connections and hangs, or a host that drops them. ``None`` otherwise.
+    """Return why the store at ``aws_endpoint`` cannot be used when it sends no reply within ``timeout_s``.
 
-    One plain ``HEAD /`` over HTTP(S), sent the way Lance would send its own requests: through the proxy
-    :func:`endpoint_proxy` finds (the ``proxy_url`` storage option, or ``HTTP(S)_PROXY``/``ALL_PROXY``
-    minus ``NO_PROXY``), else directly. A store reachable only through a proxy must not be judged by the
-    direct path, which a firewall may drop (AWSS3.jl#98, the t3-s3-proxy-endpoint-refused report). A proxy
-    this check cannot speak to as Lance does (``https://`` or SOCKS, or ``proxy_ca_certificate`` set) skips
-    the check: ``None``, nothing sent.
-
-    Any HTTP answer, an error status included (a proxy's 502 too), means something is there (Lance then
-    reports what it says); a refused or unresolvable connection is also left to Lance, which names it
-    (:func:`store_error_reason`). Only the silence, a hang in Lance's client, is caught here. No
-    ``aws_endpoint`` (AWS itself) or another scheme: ``None``, nothing sent.
+    One ``HEAD /`` (default timeout :data:`ENDPOINT_REPLY_TIMEOUT_S`), sent through the proxy Lance would
+    use (:func:`endpoint_proxy`; AWSS3.jl#98): a server that accepts and hangs, or a host that drops the
+    connection, is named. ``None`` for any HTTP answer (an error status included), a refused connection
+    (Lance names it), no ``aws_endpoint``, or a proxy urllib cannot speak (``https://``, SOCKS,
+    ``proxy_ca_certificate``): then nothing is sent.
     """
     import urllib.error
 
