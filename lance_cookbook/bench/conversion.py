@@ -31,7 +31,7 @@ def _child_env() -> dict[str, str]:
 
 def _peak_rss(cmd: list[str]) -> tuple[subprocess.CompletedProcess, int]:
     """Run ``cmd``; return its completed process and its peak resident bytes, sampled every 10 ms."""
-    from ..recipe.start_method import end_with_parent
+    from ..processes import end_with_parent
     from .measure import PeakRSS
 
     proc = subprocess.Popen(

@@ -13,7 +13,7 @@ import sys
 import threading
 from collections.abc import Mapping, Sequence
 
-from ..recipe.start_method import end_with_parent
+from ..processes import end_with_parent
 
 __all__ = ["start_command", "run_command"]
 
@@ -22,7 +22,7 @@ def start_command(cmd: Sequence[str], env: Mapping[str, str] | None = None) -> s
     """Start ``cmd`` with its stdout and stderr, merged, echoed to this process's stdout by a thread.
 
     The command gets SIGTERM if this process dies
-    (:func:`lance_cookbook.recipe.start_method.end_with_parent`): a killed notebook kernel leaves no
+    (:func:`lance_cookbook.processes.end_with_parent`): a killed notebook kernel leaves no
     launcher or conversion running.
 
     Parameters
