@@ -121,7 +121,7 @@ def _write(kind: str, folder: str, out: str, seed: int) -> dict[str, Any]:
 def write_in_child(kind: str, folder: str, out: str, seed: int) -> dict[str, Any]:
     """Write ``folder`` into ``out`` in format ``kind``, in a fresh process; its figures (rows, seconds,
     images/s, the writer's settings, peak RSS of that process in bytes)."""
-    from ..recipe.start_method import end_with_parent
+    from ..processes import end_with_parent
 
     cmd = [sys.executable, os.path.abspath(__file__), "write", kind, folder, out, str(seed)]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False, preexec_fn=end_with_parent())
