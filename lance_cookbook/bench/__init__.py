@@ -53,9 +53,10 @@ of the main process (per loader) and of the workers, in MiB. Output: a table on 
 
 Modules: :mod:`.candidates` (the loaders and their timed epoch), :mod:`.arrow` and :mod:`.baselines` (the
 datasets and collates they add), :mod:`.measure` (CPU seconds and RSS through psutil), :mod:`.conversion`,
-:mod:`.breakdown`, :mod:`.cache` (page-cache eviction), :mod:`.peers`, :mod:`.runner` (the whole run),
-:mod:`.report` (table and plot), :mod:`.cli`; :mod:`.s3_traffic` and :mod:`.s3_formats` (requests and bytes
-per image from a local S3 server, ``python -m lance_cookbook.bench.s3_traffic``).
+:mod:`.breakdown`, :mod:`.cache` (page-cache eviction), :mod:`.peers`, :mod:`.lancedb_loaders` (LanceDB's
+StreamingDataset and Permutation), :mod:`.runner` (the whole run), :mod:`.report` (table and plot),
+:mod:`.cli`; :mod:`.s3_traffic` and :mod:`.s3_formats` (requests and bytes per image from a local S3 server,
+``python -m lance_cookbook.bench.s3_traffic``).
 """
 
 from .arrow import ArrowImageCollate, ArrowLanceDataset, jpeg_views
@@ -64,6 +65,7 @@ from .breakdown import breakdown
 from .cache import evict
 from .candidates import ALL_LOADERS, BOUNDS, LOADERS
 from .cli import build_parser, main
+from .lancedb_loaders import LANCEDB_LOADERS
 from .peers import PEER_LOADERS
 from .report import format_table, plot
 from .runner import run
@@ -75,6 +77,7 @@ __all__ = [
     "BOUNDS",
     "BytesImageFolder",
     "HFTransform",
+    "LANCEDB_LOADERS",
     "LOADERS",
     "PEER_LOADERS",
     "RowByRowDataset",

@@ -20,6 +20,7 @@ from .arrow import ArrowImageCollate, ArrowLanceDataset
 from .baselines import BytesImageFolder, RowByRowDataset, pil_eval_transform
 from .cache import evict
 from .iterable import iterable_loader
+from .lancedb_loaders import LANCEDB_LOADERS, build_lancedb
 from .measure import MiB, PeakRSS, cpu_seconds
 from .peers import PEER_LOADERS, build_peer
 from .shuffle_quality import mean_batch_entropy
@@ -52,6 +53,7 @@ BOUNDS = ("bound_pil", "bound_tv")
 # core loaders run only when --loaders names them (kept out of the default set the test suite runs)
 OPT_IN_LOADERS: dict[str, str] = {
     "lance_iterable": "(n) Lance iterable LanceDataset + fragment sampler + (g)'s collate",
+    **LANCEDB_LOADERS,  # (o)-(r), LanceDB's own loaders: the `lancedb` extra; 'lancedb' names the four
 }
 # every key --loaders accepts: the core loaders (the default), the peers, which need the peer environment,
 # and the opt-in ones
@@ -147,7 +149,10 @@ class Candidate:
         self._epoch = 0  # passed to the sampler's set_epoch before each pass, as a training loop does
 
     def _next_epoch(self) -> None:
-        set_epoch = getattr(getattr(self.loader, "sampler", None), "set_epoch", None)
+        # a sampler's set_epoch, or the loader's own where it builds each pass (lancedb_loaders)
+        set_epoch = getattr(getattr(self.loader, "sampler", None), "set_epoch", None) or getattr(
+            self.loader, "set_epoch", None
+        )
         if callable(set_epoch):
             set_epoch(self._epoch)
         self._epoch += 1
@@ -192,9 +197,23 @@ class Candidate:
         prefix = "cold_" if cold else ""
         pids = self.worker_pids()
         cpu_before = [cpu_seconds(), *map(cpu_seconds, pids)]
-        with PeakRSS([None, *pids]) as rss:
+        # workers started during the pass (a loader that starts them every epoch, as LanceDB's
+        # StreamingDataLoader must) are gone when it ends: their CPU time is read while they run, from 0
+        late: dict[int, float] = {}
+
+        def watched() -> list[int | None]:
+            started = [pid for pid in self.worker_pids() if pid not in pids]
+            for pid in started:
+                seconds = cpu_seconds(pid)
+                if seconds is not None:
+                    late[pid] = seconds
+            return [None, *pids, *started]
+
+        with PeakRSS(watched) as rss:
             n, seconds = self._pass()
             cpu_after = [cpu_seconds(), *map(cpu_seconds, pids)]
+        cpu_before += [0.0] * len(late)
+        cpu_after += list(late.values())
         res = self.result
         rounds: list[float] = getattr(res, prefix + "rounds")
         if self.measures_cpu and n / seconds > max(rounds, default=0.0):  # keep the best round's split
@@ -208,7 +227,7 @@ class Candidate:
         rounds.append(n / seconds)
         if None in rss.peaks:
             res.main_peak_rss_mib = max(res.main_peak_rss_mib or 0.0, rss.peaks[None] / MiB)
-        for pid in pids:
+        for pid in [*pids, *late]:
             self._worker_peaks[pid] = max(self._worker_peaks.get(pid, 0), rss.peaks.get(pid, 0))
         res.worker_peak_rss_mib = [peak / MiB for peak in self._worker_peaks.values() if peak]
         return n, seconds
@@ -343,6 +362,11 @@ def build_candidate(
         loader = iterable_loader(uri, tv_uint8, batch_size=batch_size, workers=workers)
         fragments = len(loader.dataset.dataset.get_fragments())
         return Candidate(key, loader, f"uint8; {fragments} fragment(s), {max(workers, 1)} worker(s)", [uri])
+    if key in LANCEDB_LOADERS:
+        loader, note = build_lancedb(
+            key, uri, size=size, batch_size=batch_size, workers=workers, sampler=perms, seed=seed
+        )
+        return Candidate(key, loader, note, [uri])
     if key == "lance_all_columns":
         loader = make_loader(SafeLanceDataset(uri), collate_fn=tv_uint8, **make)
         return Candidate(key, loader, "uint8", [uri])

@@ -10,6 +10,7 @@ from pathlib import Path
 from ..recipe.loader import default_workers
 from .cache import CAN_EVICT
 from .candidates import ALL_LOADERS, LOADERS, OPT_IN_LOADERS
+from .lancedb_loaders import LANCEDB_LOADERS
 from .peers import PEER_LOADERS
 from .report import format_table, plot
 from .runner import run
@@ -25,10 +26,12 @@ def _loader_list(text: str) -> list[str]:
     keys = [k.strip() for k in text.split(",") if k.strip()]
     if "peers" in keys:  # shorthand for the three peers (they need the peer environment)
         keys = [k for k in keys if k != "peers"] + [k for k in PEER_LOADERS if k not in keys]
+    if "lancedb" in keys:  # shorthand for LanceDB's four loaders (they need the `lancedb` extra)
+        keys = [k for k in keys if k != "lancedb"] + [k for k in LANCEDB_LOADERS if k not in keys]
     unknown = [k for k in keys if k not in ALL_LOADERS]
     if unknown:
         raise argparse.ArgumentTypeError(
-            f"unknown loader(s) {', '.join(unknown)}; choose from {', '.join(ALL_LOADERS)} or peers"
+            f"unknown loader(s) {', '.join(unknown)}; choose from {', '.join(ALL_LOADERS)}, peers or lancedb"
         )
     return keys
 
@@ -42,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
         + ". Peers (not in 'all'; 'peers' names the three; they need the 'bench' extra "
         + "in an environment of its own, .venv-bench of 'make bench'; see docs/benchmark.md): "
         + "; ".join(f"{k} = {v}" for k, v in PEER_LOADERS.items())
-        + ". Opt-in (not in 'all'; name them in --loaders): "
+        + ". Opt-in (not in 'all'; name them in --loaders; 'lancedb' names LanceDB's four, which need the "
+        + "'lancedb' extra): "
         + "; ".join(f"{k} = {v}" for k, v in OPT_IN_LOADERS.items()),
     )
     p.add_argument("--imagefolder", required=True, metavar="DIR", help="images as DIR/<class>/<image>")
@@ -98,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=list(LOADERS),
         metavar="LIST",
         help="comma-separated loader keys to run (default all core loaders; 'peers' adds WebDataset, "
-        "Streaming and LitData; 'none' measures conversion and storage only)",
+        "Streaming and LitData; 'lancedb' LanceDB's StreamingDataset and Permutation loaders; 'none' "
+        "measures conversion and storage only)",
     )
     p.add_argument(
         "--work-dir",

@@ -24,6 +24,8 @@ DENOMINATORS = ("imagefolder_pil", "imagefolder_tv", "bound_tv", "bound_pil", "h
 # the formats users pick instead of Lance (lance_cookbook.bench.peers, run in the peer environment), and
 # Lance's own iterable LanceDataset (opt-in)
 PEERS = ("webdataset", "streaming", "litdata", "lance_iterable")
+# LanceDB's own loaders (lance_cookbook.bench.lancedb_loaders, opt-in): ratios only, no target
+LANCEDB = ("lancedb_stream_clump", "lancedb_stream_rows", "lancedb_permutation", "lancedb_stream_threads")
 # "equal or better shuffle quality" (issue 14), within what one run's batches vary by
 SHUFFLE_TOLERANCE = 0.05
 
@@ -41,7 +43,7 @@ def _shuffles_as_well(peer: dict[str, Any], ours: dict[str, Any]) -> bool:
 def _ratios(rate: dict[str, float], prefix: str = "") -> dict[str, float]:
     ratios: dict[str, float] = {}
     for num in NUMERATORS:
-        for den in (*DENOMINATORS, *PEERS):
+        for den in (*DENOMINATORS, *PEERS, *LANCEDB):
             if num != den and rate.get(num) and rate.get(den):
                 ratios[f"{prefix}{num}/{den}"] = rate[num] / rate[den]
     return ratios
@@ -264,10 +266,12 @@ def plot(report: dict[str, Any], path: str) -> None:
     # a loader with no figure in any regime has no bar to show
     loaders = [r for r in report["loaders"].values() if r["images_per_s"] or r.get("cold_images_per_s")][::-1]
     colors = {"bound": "#9e9e9e", "imagefolder": "#ef8a17", "hf": "#d1495b", "lance": "#00798c"}
-    peer = "#6a4c93"
+    peer, lancedb = "#6a4c93", "#4f9d69"
     names = [r["label"] for r in loaders]
     bar_colors = [
-        colors["lance"]
+        lancedb
+        if r["key"] in LANCEDB
+        else colors["lance"]
         if r["key"].startswith("lance")
         else (peer if r["key"] in PEERS else colors.get(r["key"].split("_")[0], peer))
         for r in loaders
