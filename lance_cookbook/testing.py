@@ -1,14 +1,22 @@
-"""Injecting a fault into a run launched by ``torch.distributed.run``: find one rank's process and kill it
-at a known step, as a preempted node or an OOM-killed process would die.
+"""Test hooks, fault injection and a local S3 server for tests and chapters; none of it runs in training.
 
-The training script cooperates through ``LANCE_COOKBOOK_PAUSE_AFTER_CHECKPOINT=E:S`` (see
-:mod:`lance_cookbook.train`): every rank sleeps once the checkpoint after step ``S`` of epoch ``E`` is
-saved, so the kill lands at that step whatever the machine's speed, and the test or chapter that kills it
-needs no timing. These helpers live in the package, not in a notebook, so tests and chapters share them.
+The command line ``python -m lance_cookbook.train`` hands :func:`lance_cookbook.train.main` the hooks its
+environment asks for (:func:`hooks_from_env`), as explicit callbacks; ``main`` called from Python gets none:
+
+- ``LANCE_COOKBOOK_PAUSE_AFTER_CHECKPOINT=E:S`` (:func:`pause_env`): every rank sleeps once the checkpoint
+  after step ``S`` of epoch ``E`` is saved, so a kill lands at that step whatever the machine's speed, and
+  the test or chapter that kills a rank (:func:`kill_rank_when_paused`) needs no timing;
+- ``LANCE_COOKBOOK_SAMPLE_LOG=PATH``: each rank appends ``{"epoch", "position", "index", "world"}`` JSON
+  lines for every sample it trained on to ``PATH.rank{R}``.
+
+The rest finds one rank's process and kills it, as a preempted node or an OOM-killed process would die,
+watches a job's processes go, and runs moto's S3 server (:func:`local_s3`). These helpers live in the
+package, not in a notebook, so tests and chapters share them.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -27,6 +35,10 @@ import psutil
 from .object_store import s3_storage_options
 
 __all__ = [
+    "hooks_from_env",
+    "SampleLog",
+    "PauseAfterCheckpoint",
+    "SAMPLE_LOG_ENV",
     "local_s3",
     "PAUSE_ENV",
     "JOB_ENV",
@@ -41,7 +53,89 @@ __all__ = [
 ]
 
 PAUSE_ENV = "LANCE_COOKBOOK_PAUSE_AFTER_CHECKPOINT"
+SAMPLE_LOG_ENV = "LANCE_COOKBOOK_SAMPLE_LOG"
 JOB_ENV = "LANCE_COOKBOOK_JOB"
+
+
+class SampleLog:
+    """An ``after_step`` hook of :func:`lance_cookbook.train.main` that logs the samples each step trained on.
+
+    Each rank appends one JSON line ``{"epoch", "position", "index", "world"}`` per sample to
+    ``PATH.rank{R}``: ``position`` is the sample's place in the epoch's global order, ``index`` its row.
+
+    Parameters
+    ----------
+    path : str
+        The log's path, before ``.rank{R}``.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        self.epoch: int | None = None  # the epoch whose order and positions are cached
+
+    def __call__(self, run, sampler, done: int) -> None:
+        """Log the samples of step ``done`` of this pass (``run``: the run state; ``sampler``: training's)."""
+        if self.epoch != sampler.epoch:  # one pass per epoch in a process: a resumed one starts a process
+            self.epoch, self.order = sampler.epoch, sampler.global_order()
+            self.positions = sampler.positions()
+        b = run.args.batch_size
+        with open(f"{self.path}.rank{run.rank}", "a") as f:
+            for p in self.positions[(done - 1) * b : done * b]:
+                record = {"epoch": sampler.epoch, "position": p, "index": self.order[p], "world": run.world}
+                f.write(json.dumps(record, allow_nan=False) + "\n")
+
+
+class PauseAfterCheckpoint:
+    """An ``after_checkpoint`` hook of :func:`lance_cookbook.train.main`: sleep after one checkpoint.
+
+    A test or the chapter kills a rank while every rank sleeps, and ``torch.distributed.run`` then stops the
+    others. Should the launcher itself die first (a failed test, an interrupted cell), the rank leaves
+    instead of sleeping for ever as an orphan; a SIGTERM (a preemption test) ends the pause too, and the run
+    stops after the next step.
+
+    Parameters
+    ----------
+    at : str
+        ``"E:S"``: after the checkpoint of step ``S`` of epoch ``E`` (:func:`pause_env`).
+    """
+
+    def __init__(self, at: str):
+        self.at = at
+
+    def __call__(self, run, epoch: int, step: int) -> None:
+        """Sleep if this checkpoint, of ``step`` in ``epoch``, is the one to pause after.
+
+        Raises
+        ------
+        SystemExit
+            The launcher is gone.
+        """
+        if self.at != f"{epoch}:{step}":
+            return
+        run.log(f"paused after the checkpoint of epoch {epoch}, step {step}", flush=True)
+        launcher = os.getppid()
+        while os.getppid() == launcher and not run.stop.requested:
+            time.sleep(0.1)
+        if not run.stop.requested:
+            raise SystemExit("the launcher is gone: leaving the pause")
+
+
+def hooks_from_env(environ: dict[str, str] | None = None) -> dict:
+    """The hooks ``environ`` (default: ``os.environ``) asks for, as keyword arguments of ``train.main``.
+
+    Returns
+    -------
+    dict
+        ``after_step`` (:class:`SampleLog`) with ``LANCE_COOKBOOK_SAMPLE_LOG``, ``after_checkpoint``
+        (:class:`PauseAfterCheckpoint`) with ``LANCE_COOKBOOK_PAUSE_AFTER_CHECKPOINT``; empty without them.
+    """
+    environ = os.environ if environ is None else environ
+    hooks = {}
+    if environ.get(SAMPLE_LOG_ENV):
+        hooks["after_step"] = SampleLog(environ[SAMPLE_LOG_ENV])
+    if environ.get(PAUSE_ENV):
+        hooks["after_checkpoint"] = PauseAfterCheckpoint(environ[PAUSE_ENV])
+    return hooks
 
 
 def pause_env(epoch: int, step: int) -> dict[str, str]:

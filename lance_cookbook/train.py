@@ -3,149 +3,43 @@
     python -m torch.distributed.run --standalone --nproc_per_node N -m lance_cookbook.train \\
         --train data/digits-train.lance --val data/digits-test.lance --epochs 5 --metrics-out metrics.json
 
-Runs as a plain single process too (``python -m lance_cookbook.train ...``). Uses nccl on CUDA and gloo on
-CPU; :class:`ResumableDistributedSampler` (``DistributedSampler``'s order, with a saved place inside the
-epoch; ``--sampler block``: :class:`BlockShuffleSampler`, which resumes the same way) + ``set_epoch`` for
-training, an exactly-once :class:`ShardSampler` and an ``all_reduce`` of correct/seen counts for
-evaluation. Every epoch reports how much of each step waited for data (:class:`DataWaitMeter`).
-
-With ``--checkpoint-dir`` (a local folder or an ``s3://`` prefix, reached with ``--storage-option``) the run
-saves checkpoints (every ``--checkpoint-every`` steps and at every epoch's end) and, when started again,
-resumes from the newest complete one at the next batch of the interrupted epoch, also with another number
-of processes; ``--lr`` and ``--weight-decay`` given then replace the checkpoint's. Under
-``torch.distributed.run --max-restarts N`` a killed rank costs only the steps since the last checkpoint.
-
-SIGTERM (a spot instance's or SLURM's notice before SIGKILL) costs nothing: every rank finishes its step, the
-ranks agree on that step, rank 0 checkpoints it, and the job exits with ``PREEMPTED_EXIT_CODE`` (75) after
-``preempted at epoch E step S: checkpoint written to PATH``; the same command then resumes bit-identically.
-A NaN or infinite loss stops every rank at that step with ``error: training diverged at epoch E, step S``
-(exit 1), before the step is applied; checkpoints and metrics never hold non-finite values.
-
-Two environment variables serve tests and the chapter: ``LANCE_COOKBOOK_SAMPLE_LOG=PATH`` makes each
-rank append ``{"epoch", "position", "index", "world"}`` JSON lines for every sample it trained on to
-``PATH.rank{R}``; ``LANCE_COOKBOOK_PAUSE_AFTER_CHECKPOINT=E:S`` makes every rank stop (sleep) once the
-checkpoint after step ``S`` of epoch ``E`` is saved, so that a kill lands at a known place.
+Runs as a plain single process too. Checkpoints (``--checkpoint-dir``, local or ``s3://``), resuming on
+another number of processes, SIGTERM (exit 75, ``PREEMPTED_EXIT_CODE``) and a NaN loss (exit 1): see
+docs/training.md. Read top to bottom: the command line, the loaders, one epoch, the evaluation, ``main``;
+the machinery is in :mod:`lance_cookbook.training`; test hooks are in :mod:`lance_cookbook.testing`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import sys
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from .cli import add_storage_option_argument
+from .recipe.block_sampler import BlockShuffleSampler
+from .recipe.collate import ImageCollate
 from .recipe.dataset import DatasetNotFound, EmptyDataset
+from .recipe.device import IMAGENET_MEAN, IMAGENET_STD, to_device
+from .recipe.loader import make_loader
+from .recipe.sampler import ResumableDistributedSampler, ShardSampler
+from .training import reporting, run_state, setup
+from .training.arguments import HelpFormatter, local_dir, location
 from .training.checkpoint import CheckpointError, check_location
-from .training.distributed import StopRequest, agreed_versions, all_sum, setup_distributed
-from .training.engine import SUM_KEYS, EpochTally, Stopped, TrainingDiverged, evaluate, train_one_epoch
-from .training.models import MODELS
-from .training.reporting import (
-    _quiet,
-    describe_run,
-    epoch_metrics,
-    order_digest,
-    record_epoch,
-    tensorboard_writer,
-    write_json,
-)
-from .training.run_state import Run, find_checkpoint, pinned_versions, rng_state, set_rng_state
-from .training.setup import (
-    LabelError,
-    build_loaders,
-    build_training,
-    checked_label_names,
-    count_classes,
-    open_datasets,
-    require_rows,
-)
+from .training.distributed import StopRequest, all_sum, distribute, ignore_sigterm, setup_distributed, unwrap
+from .training.models import MODELS, build_model
+from .training.reporting import order_digest
+from .training.run_state import Run
+from .training.schedule import OneCycleSchedule
 
-# The loops, the setup steps and the run state live in their own modules; these names stay importable from
-# here for the tests, the notebooks and older code.
-__all__ = [
-    "PREEMPTED_EXIT_CODE",
-    "Preempted",
-    "SUM_KEYS",
-    "EpochTally",
-    "Run",
-    "agreed_versions",
-    "all_sum",
-    "build_loaders",
-    "build_parser",
-    "build_training",
-    "cli",
-    "count_classes",
-    "describe_run",
-    "epoch_metrics",
-    "evaluate",
-    "find_checkpoint",
-    "main",
-    "open_datasets",
-    "order_digest",
-    "record_epoch",
-    "require_rows",
-    "rng_state",
-    "set_rng_state",
-    "setup_distributed",
-    "tensorboard_writer",
-    "train_epoch",
-    "train_one_epoch",
-    "write_json",
-]
+__all__ = ["PREEMPTED_EXIT_CODE", "build_parser", "cli", "evaluate", "load_data", "main", "train_one_epoch"]
 
-
-# EX_TEMPFAIL of sysexits.h, "a temporary failure; the user is invited to retry": a scheduler or wrapper that
-# sees it runs the same command again, which resumes from the checkpoint just written.
-PREEMPTED_EXIT_CODE = 75
-
-
-class Preempted(Exception):
-    """The run stopped at a step boundary after SIGTERM; rank 0 checkpointed that step (when the run has a
-    ``--checkpoint-dir``). ``str()`` is the line :func:`cli` prints."""
-
-    def __init__(self, epoch: int, step: int, path: str | None, checkpointing: bool, rank: int):
-        where = (
-            f"checkpoint written to {path}"
-            if path
-            else (
-                "checkpoint written by rank 0"
-                if checkpointing
-                else "no checkpoint written (no --checkpoint-dir)"
-            )
-        )
-        super().__init__(f"preempted at epoch {epoch} step {step}: {where}")
-        self.epoch, self.step, self.path, self.rank = epoch, step, path, rank
-
-
-class PeerLost(RuntimeError):
-    """A stop was requested (SIGTERM) and the step failed because another rank is gone (``torch.distributed.
-    run`` sends SIGTERM to the survivors when one rank dies): the rank leaves without a checkpoint."""
-
-
-def _location(text: str) -> str | Path:
-    """argparse ``type=`` for where files go: a URI stays a string (``Path("s3://b/k")`` would be the local
-    ``s3:/b/k``: syne-tune#232), anything else is a local ``Path``."""
-    return text if "://" in text else Path(text)
-
-
-def _local_dir(text: str) -> Path:
-    """argparse ``type=`` for a folder that must be local (TensorBoard's ``--log-dir``)."""
-    if "://" in text:
-        raise argparse.ArgumentTypeError(f"{text!r} is a URI: TensorBoard logs go to a local folder")
-    return Path(text)
-
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Append "(default: X)" to an option's help unless the help already states it or there is none."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        unstated = action.default is None or action.default is False or action.default == []
-        if action.required or unstated or "(default" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL of sysexits.h, "temporary failure, retry": the same command resumes
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -153,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m lance_cookbook.train",
         description=__doc__.split("\n\n")[0],
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--train", required=True, metavar="URI", help="training Lance dataset (path or s3://...)")
     p.add_argument(
@@ -218,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--metrics-out",
-        type=_location,
+        type=location,
         metavar="FILE",
         help="JSON written by rank 0 after every epoch: a local path or s3://... (default: none)",
     )
@@ -239,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--checkpoint-dir",
-        type=_location,
+        type=location,
         metavar="DIR",
         help="save checkpoints here (a local folder or s3://...) and resume from the newest complete one at "
         "start (default: none)",
@@ -253,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--log-dir",
-        type=_local_dir,
+        type=local_dir,
         metavar="DIR",
         help="write TensorBoard scalars to this local folder, rank 0 (default: none)",
     )
@@ -266,68 +160,173 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def train_epoch(
-    run: Run, epoch: int, model, optimizer, schedule, train_loader, val_loader, device, writer
-) -> None:
-    """One epoch of the recipe: train (from the checkpoint's place in it when resuming), evaluate exactly
-    once, record the metrics, checkpoint.
+def load_data(args: argparse.Namespace, train_ds, val_ds, rank: int, world: int):
+    """The training loader and the exactly-once evaluation loader, both decoding to uint8 in their workers.
+
+    With ``--augment`` each sample's crop and flip come from a seed of (``--seed``, epoch, position), not
+    from the workers' generators, so a resumed run is bit-identical to an uninterrupted one. The workers
+    ignore SIGTERM, so a preempted rank can finish its step.
+
+    Returns
+    -------
+    tuple
+        ``(train_loader, val_loader)``; call ``train_loader.sampler.set_epoch(epoch)`` every epoch.
+    """
+    # DistributedSampler's padding: every rank gets the same number of batches, so no rank waits on a
+    # gradient all-reduce that another never starts. Both samplers resume mid-epoch from a checkpoint.
+    if args.sampler == "block":
+        sampler = BlockShuffleSampler(
+            train_ds, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, block_size=args.block_size
+        )
+    else:
+        sampler = ResumableDistributedSampler(
+            train_ds, num_replicas=world, rank=rank, shuffle=True, seed=args.seed
+        )
+    if args.augment:
+        train_ds, sampler = setup.SeededRows(train_ds, args.seed), setup.EpochPositions(sampler)
+    train_loader = make_loader(
+        train_ds,
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        sampler=sampler,
+        collate_fn=ImageCollate(
+            args.image_size, train=args.augment, decoder="torchvision", dtype=torch.uint8
+        ),
+        worker_init_fn=ignore_sigterm,
+    )
+    val_loader = make_loader(
+        val_ds,
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        sampler=ShardSampler(val_ds, num_replicas=world, rank=rank),  # each rank's shard, unpadded
+        collate_fn=ImageCollate(args.image_size, train=False, decoder="torchvision", dtype=torch.uint8),
+        worker_init_fn=ignore_sigterm,
+    )
+    return train_loader, val_loader
+
+
+def train_one_epoch(model, criterion, optimizer, schedule, data_loader, device, epoch: int, run: Run) -> None:
+    """One pass over ``data_loader``: forward, backward and an optimizer step per batch.
+
+    ``data_loader``'s sampler says where in the epoch each step is, and ``schedule`` sets the learning rate
+    from it. ``run`` (:class:`lance_cookbook.training.run_state.Run`) holds the command line, the steps done
+    before this pass, the epoch's sums (``run.tally``: its meter times the data waits), the stop request and
+    the work after each step (:meth:`Run.step_done`: hooks, mid-epoch checkpoints).
+
+    Raises
+    ------
+    TrainingDiverged
+        On every rank, at the first step whose loss is NaN or infinite on any rank, before its update.
+    Preempted
+        On every rank, after the step at which the ranks agreed to stop (a SIGTERM reached one of them),
+        once that step is checkpointed.
+    """
+    args, sampler, meter = run.args, data_loader.sampler, run.tally.meter
+    per_rank = sampler.batches_per_rank(args.batch_size)
+    # While every rank has a batch, an all_reduce of two flags after each backward (a non-finite loss, a stop)
+    # makes all ranks leave at the same step. In the uneven tail of an elastic resume each rank checks its
+    # own loss, a stop waits for the epoch's end, and DDP's join shadows the finished ranks' all-reduces.
+    agree_steps, amp, total = min(per_rank), args.amp and device.type == "cuda", len(data_loader)
+    uneven = len(set(per_rank)) > 1 and isinstance(model, DistributedDataParallel)
+    model.train()
+    with model.join() if uneven else contextlib.nullcontext():
+        for step, (images, labels) in enumerate(meter.wrap(data_loader)):
+            done = sampler.consumed(step, args.batch_size) / sampler.total_size
+            lr = schedule.set_progress((epoch + done) / args.epochs)
+            images, labels = to_device(
+                (images, labels), device, IMAGENET_MEAN, IMAGENET_STD, channels_last=amp
+            )
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                loss = criterion(model(images), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            value, n = loss.item(), labels.numel()
+            flags = [float(not math.isfinite(value)), float(run.stop.requested)]
+            if step < agree_steps:
+                flags = all_sum(flags, device)  # identity when running alone
+            if flags[0]:
+                where = f" on {flags[0]:g} of the ranks" if dist.is_initialized() else ""
+                raise run_state.TrainingDiverged(
+                    f"training diverged at epoch {epoch}, step {run.step + step + 1}: the loss is not "
+                    f"finite{where} (here {value:g}); that step was not applied and no checkpoint holds "
+                    "it. Lower --lr, or look for bad inputs or low-precision overflow"
+                )
+            optimizer.step()
+            run.tally.add(value, n)
+            run.step_done(model, optimizer, schedule, sampler, step + 1, device)
+            if flags[1] and step + 1 < agree_steps:
+                raise run.preempted(model, optimizer, schedule, sampler, step + 1, device)
+            if args.print_freq > 0 and ((step + 1) % args.print_freq == 0 or step + 1 == total):
+                rate = n / meter.last_step_s if meter.last_step_s > 0 else 0.0
+                run.log(
+                    f"epoch {epoch} [{step + 1:>{len(str(total))}}/{total}] loss {value:.4f} lr {lr:.2e} "
+                    f"{rate:,.0f} img/s, data wait {meter.last_wait_s * 1e3:.1f} ms "
+                    f"({meter.wait_fraction:.0%} of step time since the last checkpoint)",
+                    flush=True,
+                )
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data_loader, device: torch.device, *, amp: bool = False) -> tuple[int, int]:
+    """Count correct predictions over ``data_loader``, summed over all ranks.
+
+    ``data_loader`` reads one rank's shard (:class:`ShardSampler`), so every sample counts exactly once.
+    A ``DistributedDataParallel`` wrapper is bypassed: shards may differ in length by one, and a DDP
+    forward can run collectives that the shorter shard's rank never joins. ``amp``: bfloat16 on CUDA.
+
+    Returns
+    -------
+    tuple of (int, int)
+        ``(correct, seen)`` summed over all ranks; every rank gets the totals.
+    """
+    module = unwrap(model)
+    module.eval()
+    correct = seen = 0
+    for batch in data_loader:
+        images, labels = to_device(batch, device, IMAGENET_MEAN, IMAGENET_STD, channels_last=amp)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
+            correct += (module(images).argmax(1) == labels).sum().item()
+        seen += labels.numel()
+    correct, seen = all_sum([correct, seen], device)
+    return int(correct), int(seen)
+
+
+def fit(run: Run, model, optimizer, schedule, train_loader, val_loader, device) -> None:
+    """Train from ``run``'s epoch to ``--epochs``: each epoch trains, evaluates, reports and checkpoints.
 
     Raises
     ------
     Preempted
-        On every rank, when a SIGTERM reached any rank (:class:`StopRequest`): after the step the ranks
-        agreed on (mid-epoch), or after the epoch's checkpoint when the stop came too late in the epoch.
+        On every rank, when a SIGTERM reached any rank: after the step the ranks agreed on (mid-epoch), or
+        after the epoch's checkpoint when the stop came too late in the epoch.
     TrainingDiverged
         On every rank, at the first non-finite loss (:func:`train_one_epoch`).
     """
-    args, sampler = run.args, train_loader.sampler
-    sampler.set_epoch(epoch)  # a new order each epoch, the same on every rank (kept when resuming)
-    if epoch != run.epoch:
-        run.epoch, run.step, run.tally = epoch, 0, EpochTally()
-    b, amp = args.batch_size, args.amp and device.type == "cuda"
-
-    def lr_at_step(step: int) -> float:
-        return schedule.set_progress((epoch + sampler.consumed(step, b) / sampler.total_size) / args.epochs)
-
-    checkpointing = args.checkpoint_dir is not None
-    try:
-        train_one_epoch(
-            model, nn.CrossEntropyLoss(), optimizer, train_loader, device, epoch,
-            tally=run.tally, lr_at_step=lr_at_step,
-            after_step=run.after_step_hook(model, optimizer, schedule, sampler, device),
-            uneven=len(set(sampler.batches_per_rank(b))) > 1, amp=amp, print_freq=args.print_freq,
-            log=run.log, progress_bar=run.rank == 0 and sys.stdout.isatty(), stop=run.stop,
-            agree_steps=min(sampler.batches_per_rank(b)), first_step=run.step,
-        )  # fmt: skip
-    except Stopped as stopped:
-        consumed, step = sampler.consumed(stopped.steps, b), run.step + stopped.steps
-        path = None
-        if checkpointing and run.saved_at != (epoch, consumed):  # not already saved after that step
-            path = run.save(model, optimizer, schedule, sampler, consumed, step, device)
-        elif checkpointing and run.rank == 0:
-            path = run.last_path
-        raise Preempted(epoch, step, path, checkpointing, run.rank) from None
-    sums = run.tally.fold(device)
-    correct, val_seen = evaluate(model, val_loader, device, amp=amp)
-    row = epoch_metrics(epoch, sums, correct, val_seen, order_digest(sampler.global_order()))
-    record_epoch(run.metrics, row, args.metrics_out, run.rank, run.log, run.storage_options)
-    if writer is not None:
-        for key in ("train_loss", "val_accuracy", "images_per_s", "data_wait_fraction"):
-            writer.add_scalar(key, row[key], epoch)
-        writer.add_scalar("learning_rate", optimizer.param_groups[0]["lr"], epoch)
-    path = None
-    if checkpointing:
-        path = run.save(model, optimizer, schedule, sampler, sampler.total_size, run.step, device)
-    # a SIGTERM during the epoch's last step or its evaluation: stop at the epoch's checkpoint
-    if epoch + 1 < args.epochs and all_sum([float(run.stop.requested)], device)[0]:
-        raise Preempted(epoch + 1, 0, path, checkpointing, run.rank)
+    args, sampler, criterion = run.args, train_loader.sampler, nn.CrossEntropyLoss()
+    amp, checkpointing = args.amp and device.type == "cuda", args.checkpoint_dir is not None
+    with reporting.tensorboard_writer(args.log_dir, run.rank) as writer:
+        for epoch in range(run.epoch, args.epochs):
+            sampler.set_epoch(epoch)  # a new order each epoch, the same on every rank (kept when resuming)
+            run.start_epoch(epoch)
+            train_one_epoch(model, criterion, optimizer, schedule, train_loader, device, epoch, run)
+            sums = run.tally.fold(device)
+            correct, seen = evaluate(model, val_loader, device, amp=amp)
+            row = reporting.epoch_metrics(epoch, sums, correct, seen, order_digest(sampler.global_order()))
+            reporting.record_epoch(run.metrics, row, args.metrics_out, run.rank, run.log, run.storage_options)
+            reporting.write_scalars(writer, row, optimizer.param_groups[0]["lr"], epoch)
+            path = None
+            if checkpointing:
+                path = run.save(model, optimizer, schedule, sampler, sampler.total_size, run.step, device)
+            # a SIGTERM during the epoch's last step or its evaluation: stop at the epoch's checkpoint
+            if epoch + 1 < args.epochs and all_sum([float(run.stop.requested)], device)[0]:
+                raise run_state.Preempted(epoch + 1, 0, path, checkpointing, run.rank)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None, *, after_step=None, after_checkpoint=None) -> dict:
     """Train and evaluate as the command line says; return the metrics (rank 0 also writes them).
 
-    With ``--checkpoint-dir`` holding a checkpoint, the run resumes there; a run that had already
-    finished trains nothing and says so.
+    With ``--checkpoint-dir`` holding a checkpoint, the run resumes there (a finished run trains nothing).
+    ``after_step``, ``after_checkpoint``: test hooks (:mod:`lance_cookbook.testing`), given to :class:`Run`.
 
     Raises
     ------
@@ -336,48 +335,42 @@ def main(argv: list[str] | None = None) -> dict:
     """
     args = build_parser().parse_args(argv)
     storage_options = dict(args.storage_option) or None
-    for location in (args.checkpoint_dir, args.metrics_out):
-        if location is not None:
-            check_location(location, storage_options)  # before any process group or dataset
+    for where in (args.checkpoint_dir, args.metrics_out):
+        if where is not None:
+            check_location(where, storage_options)  # before any process group or dataset
     rank, world, device = setup_distributed()
-    log = print if rank == 0 else _quiet
     stop = StopRequest()
     try:
         with stop.installed():
             torch.manual_seed(args.seed)
-            path, state = find_checkpoint(args.checkpoint_dir, rank, device, storage_options)
-            train_ds, val_ds, versions = open_datasets(args, rank, pinned_versions(args, path, state))
-            train_loader, val_loader = build_loaders(args, train_ds, val_ds, rank, world)
-            model, optimizer, schedule = build_training(args, count_classes(train_ds), device)
-            run = Run(args, rank, world, versions, checked_label_names(train_ds), stop)
+            path, state = run_state.find_checkpoint(args.checkpoint_dir, rank, device, storage_options)
+            pinned = run_state.pinned_versions(args, path, state)
+            train_ds, val_ds, versions = setup.open_datasets(args, rank, pinned)
+            train_loader, val_loader = load_data(args, train_ds, val_ds, rank, world)
+            model = build_model(args.model, setup.count_classes(train_ds))
+            model = distribute(model, device, channels_last=args.amp and device.type == "cuda")
+            optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+            schedule = OneCycleSchedule(optimizer, max_lr=args.lr)  # read at training progress, not steps
+            names = setup.checked_label_names(train_ds)
+            run = Run(args, rank, world, versions, names, stop, after_step, after_checkpoint)
             if state:
                 run.restore(path, state, model, optimizer, schedule, train_loader.sampler)
-            describe_run(args, world, device, train_ds, val_ds, versions, log)
+            reporting.describe_run(args, world, device, train_ds, val_ds, versions, run.log)
             if state and run.epoch >= args.epochs:
-                log(
-                    f"nothing to resume: the checkpoint {path} already finished all {args.epochs} epochs",
-                    flush=True,
-                )
-            with tensorboard_writer(args.log_dir, rank) as writer:
-                for epoch in range(run.epoch, args.epochs):
-                    train_epoch(
-                        run, epoch, model, optimizer, schedule, train_loader, val_loader, device, writer
-                    )
+                done = f"the checkpoint {path} already finished all {args.epochs} epochs"
+                run.log(f"nothing to resume: {done}", flush=True)
+            fit(run, model, optimizer, schedule, train_loader, val_loader, device)
             return run.finish(model)
     except (RuntimeError, OSError) as e:
         if stop.requested and not isinstance(e, CheckpointError):
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            raise PeerLost(
-                f"stopped after SIGTERM without a checkpoint: the step failed ({first}); another rank is "
-                "probably gone, and the last checkpoint stands"
-            ) from e
+            raise run_state.PeerLost.after(e) from e
         raise
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def cli(argv: list[str] | None = None) -> int:
+def cli(argv: list[str] | None = None, **hooks) -> int:  # hooks: main's after_step, after_checkpoint
     """``main`` for the command line: every expected way to stop is one line on stderr and an exit code.
 
     - 2: refused before training (``error:``): a bad or empty dataset, label_names that do not fit the
@@ -387,14 +380,14 @@ def cli(argv: list[str] | None = None) -> int:
       checkpoint written to PATH`` (rank 0); run the same command again to resume.
     """
     try:
-        main(argv)
-    except (DatasetNotFound, EmptyDataset, LabelError, CheckpointError) as e:
+        main(argv, **hooks)
+    except (DatasetNotFound, EmptyDataset, setup.LabelError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (TrainingDiverged, PeerLost) as e:
+    except (run_state.TrainingDiverged, run_state.PeerLost) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except Preempted as e:
+    except run_state.Preempted as e:
         if e.rank == 0:
             print(e, file=sys.stderr, flush=True)
         return PREEMPTED_EXIT_CODE
@@ -402,4 +395,6 @@ def cli(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli(sys.argv[1:]))
+    from .testing import hooks_from_env  # what a test's environment asks for (a pause, a sample log), or none
+
+    sys.exit(cli(sys.argv[1:], **hooks_from_env()))

@@ -141,6 +141,7 @@ def test_resuming_a_finished_run_is_a_no_op_that_says_so(small, tmp_path, capsys
 # --- real 2-process gloo runs --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_elastic_resume_from_two_processes_to_one_neither_repeats_nor_skips(small, tmp_path):
     log = tmp_path / "samples"
     proc = subprocess.Popen(

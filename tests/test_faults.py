@@ -99,6 +99,7 @@ def test_an_interrupt_sent_to_the_process_group_leaves_persistent_workers_usable
     assert all(worker.is_alive() for worker in workers)
 
 
+@pytest.mark.slow
 @linux_only
 def test_a_killed_notebook_kernel_after_an_interrupt_leaves_nothing_running(
     id_dataset, tmp_path, monkeypatch
@@ -156,6 +157,7 @@ def test_a_killed_notebook_kernel_after_an_interrupt_leaves_nothing_running(
             p.kill()
 
 
+@pytest.mark.slow
 @linux_only
 def test_a_rank_sigkilled_alone_restarts_matches_and_leaves_nothing_behind(small, tmp_path):
     """One rank killed by pid (its DataLoader workers and fork server left alone, as the OOM killer leaves
@@ -250,7 +252,10 @@ proc = start_command([sys.executable, "-c", "import time; time.sleep(600)"])
 
 
 @linux_only
-@pytest.mark.parametrize("program", sorted(UNTIL_KILLED))
+@pytest.mark.parametrize(
+    "program",
+    [pytest.param(p, marks=pytest.mark.slow) if p == "loader" else p for p in sorted(UNTIL_KILLED)],
+)
 def test_a_sigkilled_process_leaves_nothing_behind_and_closes_its_output(program, id_dataset, tmp_path):
     """The OOM killer ends one process alone. What it started goes too: forkserver workers watch it, not
     their parent (the fork server, which then exits; ../shared/GUIDE.md, measured 2026-12-03), and a

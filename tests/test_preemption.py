@@ -8,12 +8,14 @@ import signal
 import subprocess
 import time
 
+import pytest
 from conftest import child_env, torchrun
 from test_checkpoint import common, same_results
 
 from lance_cookbook.testing import job_env, pause_env, wait_until_job_gone
 
 
+@pytest.mark.slow
 def test_sigterm_to_torchrun_checkpoints_the_step_and_resumes_bit_identically(small, tmp_path):
     subprocess.run(
         torchrun(2, *common(small, tmp_path / "a", tmp_path / "a.json")),

@@ -19,6 +19,7 @@ from lance_cookbook.train import evaluate
 from lance_cookbook.train import main as train_main
 
 
+@pytest.mark.slow
 def test_two_process_gloo_run_counts_every_val_sample_once(small, tmp_path):
     train, val = small
     metrics = tmp_path / "metrics.json"
@@ -81,6 +82,7 @@ def _eval_worker(rank: int, world: int, store: str, val: str, out: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_evaluation_is_exactly_once_for_any_world_size(small, tmp_path, world):
     _, val = small
@@ -127,6 +129,7 @@ def test_version_pins_the_rows_trained_on_and_is_recorded(small, tmp_path):
     assert latest["versions"]["val"] == 1
 
 
+@pytest.mark.slow
 def test_ranks_read_one_version_while_a_writer_commits(small, tmp_path):
     """Rank 0 decides the version and broadcasts it: ranks that each opened "latest" while a writer
     appended saw different lengths and hung in a gradient all_reduce until killed."""
@@ -162,6 +165,7 @@ def test_ranks_read_one_version_while_a_writer_commits(small, tmp_path):
     assert result["epochs"][0]["train_samples_seen"] == n + n % 2  # DistributedSampler pads to 2 equal shards
 
 
+@pytest.mark.slow
 def test_block_sampler_run_trains_each_epoch_on_the_samplers_order(small, tmp_path):
     from lance_cookbook.recipe.block_sampler import BlockShuffleSampler
     from lance_cookbook.training.reporting import order_digest

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 from pathlib import Path
 
 import lance
@@ -18,7 +19,7 @@ from test_checkpoint import common, same_results
 from lance_cookbook import open_dataset
 from lance_cookbook.recipe.collate import AUGMENT_SEED, ImageCollate, augment_seed
 from lance_cookbook.recipe.sampler import ResumableDistributedSampler
-from lance_cookbook.train import PREEMPTED_EXIT_CODE, build_parser, cli
+from lance_cookbook.train import PREEMPTED_EXIT_CODE, build_parser, cli, train_one_epoch
 from lance_cookbook.train import main as train_main
 from lance_cookbook.training.checkpoint import (
     CheckpointError,
@@ -30,12 +31,11 @@ from lance_cookbook.training.checkpoint import (
     save_checkpoint,
 )
 from lance_cookbook.training.distributed import StopRequest
-from lance_cookbook.training.engine import Stopped, TrainingDiverged, train_one_epoch
 from lance_cookbook.training.models import build_model
 from lance_cookbook.training.reporting import write_json
-from lance_cookbook.training.run_state import Run, rng_state, set_rng_state
+from lance_cookbook.training.run_state import Preempted, Run, TrainingDiverged, rng_state, set_rng_state
 from lance_cookbook.training.schedule import OneCycleSchedule
-from lance_cookbook.training.setup import MAX_CLASSES, LabelError, _EpochPositions, count_classes
+from lance_cookbook.training.setup import MAX_CLASSES, EpochPositions, LabelError, count_classes
 
 # --- unreadable checkpoints (t3-ckpt-unreadable-restart) ------------------------------------------------
 
@@ -179,6 +179,23 @@ def _batches(n: int) -> list:
     ]
 
 
+def _one_pass(
+    batches: list, criterion, after_step, *, epoch: int = 0, first_step: int = 0, stop=None
+) -> None:
+    """``train_one_epoch`` over ``batches`` (one a step, in order), one process, no checkpoints; the run's
+    ``after_step`` hook gets the steps done."""
+    torch.manual_seed(0)
+    model = build_model("cnn", 3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    args = build_parser().parse_args(["--train", "t", "--val", "v", "--batch-size", "1", "--print-freq", "0"])
+    run = Run(args, 0, 1, {}, [], stop, after_step=lambda run, sampler, done: after_step(model, done))
+    run.epoch, run.step = epoch, first_step
+    sampler = ResumableDistributedSampler(batches, num_replicas=1, rank=0, shuffle=False)
+    loader = torch.utils.data.DataLoader(batches, batch_size=None, sampler=sampler)
+    schedule = OneCycleSchedule(optimizer, max_lr=1e-3)
+    train_one_epoch(model, criterion, optimizer, schedule, loader, torch.device("cpu"), epoch, run)
+
+
 class _NanAt:
     """Cross-entropy that returns NaN at call ``bad`` (1-based)."""
 
@@ -192,23 +209,17 @@ class _NanAt:
 
 
 def test_a_non_finite_loss_stops_before_its_update_naming_epoch_and_step():
-    torch.manual_seed(0)
-    model = build_model("cnn", 3)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    seen = []
+    seen, weights, models = [], {}, []
 
-    def after_step(done: int) -> None:
+    def after_step(model, done: int) -> None:
         seen.append(done)
         weights.update({k: v.detach().clone() for k, v in model.named_parameters()})
+        models[:] = [model]
 
-    weights: dict = {}
     with pytest.raises(TrainingDiverged, match="at epoch 4, step 13: the loss is not finite"):
-        train_one_epoch(
-            model, _NanAt(3), optimizer, _batches(5), torch.device("cpu"), 4,
-            after_step=after_step, print_freq=0, first_step=10,
-        )  # fmt: skip
+        _one_pass(_batches(5), _NanAt(3), after_step, epoch=4, first_step=10)
     assert seen == [1, 2]  # step 3 was not applied: the weights are those after step 2
-    assert all(torch.equal(v, dict(model.named_parameters())[k]) for k, v in weights.items())
+    assert all(torch.equal(v, dict(models[0].named_parameters())[k]) for k, v in weights.items())
 
 
 def test_metrics_are_strict_json(tmp_path):
@@ -285,12 +296,13 @@ def test_augmentation_follows_the_rows_seed_not_the_process_generator(id_dataset
 
 def test_training_keys_carry_each_samples_epoch_and_position():
     sampler = ResumableDistributedSampler(range(11), num_replicas=2, rank=1, seed=0)
-    keyed = _EpochPositions(sampler)
+    keyed = EpochPositions(sampler)
     keyed.set_epoch(3)
     order = sampler.global_order()
     assert list(keyed) == [(3, p, order[p]) for p in range(1, 12, 2)] and len(keyed) == 6
 
 
+@pytest.mark.slow
 def test_augmented_run_resumed_with_a_worker_matches_an_uninterrupted_one(small, tmp_path):
     ckpt = tmp_path / "ckpt"
     args = [*common(small, ckpt, tmp_path / "m.json", epochs=1), "--augment", "--workers", "1"]
@@ -309,15 +321,15 @@ def test_augmented_run_resumed_with_a_worker_matches_an_uninterrupted_one(small,
 def test_a_requested_stop_ends_after_the_step_with_exit_75_and_a_checkpoint(
     small, tmp_path, capsys, monkeypatch
 ):
-    batches, calls = _batches(4), []
-    model = build_model("cnn", 3)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    with pytest.raises(Stopped) as info:
-        train_one_epoch(
-            model, torch.nn.CrossEntropyLoss(), optimizer, batches, torch.device("cpu"), 0,
-            after_step=calls.append, stop=lambda: len(calls) >= 1, print_freq=0,
-        )  # fmt: skip
-    assert info.value.steps == 2 and calls == [1, 2]  # asked during step 2: step 2 finishes
+    calls, stop = [], StopRequest()
+
+    def after_step(model, done: int) -> None:
+        calls.append(done)
+        stop.signum = signal.SIGTERM  # asked after step 1, seen during step 2
+
+    with pytest.raises(Preempted) as info:
+        _one_pass(_batches(4), torch.nn.CrossEntropyLoss(), after_step, stop=stop)
+    assert info.value.step == 2 and calls == [1, 2]  # asked during step 2: step 2 finishes
     monkeypatch.setattr(StopRequest, "requested", property(lambda self: True))
     ckpt = tmp_path / "ckpt"
     assert cli(common(small, ckpt, tmp_path / "m.json", epochs=2)) == PREEMPTED_EXIT_CODE

@@ -11,6 +11,8 @@ from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from ..recipe.dataset import DatasetNotFound, latest_version
 
@@ -46,8 +48,8 @@ class StopRequest:
 
     Spot instances and SLURM send SIGTERM, then SIGKILL about 30 s later; ``torch.distributed.run`` passes a
     SIGTERM it gets to every rank's process group. :func:`lance_cookbook.train.main` installs one for the
-    run and hands :attr:`requested` to :func:`lance_cookbook.training.engine.train_one_epoch`, whose per-step
-    ``all_reduce`` makes every rank stop after the same step.
+    run, and :func:`lance_cookbook.train.train_one_epoch` reads :attr:`requested` after each step; its
+    per-step ``all_reduce`` makes every rank stop after the same step.
     """
 
     def __init__(self) -> None:
@@ -88,6 +90,24 @@ def ignore_sigterm(worker_id: int) -> None:
     The workers still end with the rank (:class:`lance_cookbook.recipe.loader.WorkerInit`) or by SIGKILL.
     """
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a ``DistributedDataParallel`` wrapper, or ``model`` itself."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def distribute(model: nn.Module, device: torch.device, *, channels_last: bool = False) -> nn.Module:
+    """Move ``model`` to ``device`` and wrap it in ``DistributedDataParallel`` when several processes train.
+
+    ``channels_last`` stores the weights in NHWC, where convolutions run faster on GPUs (``--amp``).
+    """
+    model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model
 
 
 def all_sum(values: list[float], device: torch.device) -> list[float]:

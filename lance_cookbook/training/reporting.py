@@ -1,5 +1,5 @@
-"""Training reports: the opening line, each epoch's metrics row (printed, in the metrics JSON, in
-TensorBoard) and the digest of the epoch's sample order."""
+"""Training reports: the sums behind an epoch's metrics (:class:`EpochTally`), the opening line, each
+epoch's metrics row (printed, in the metrics JSON, in TensorBoard) and the digest of the sample order."""
 
 from __future__ import annotations
 
@@ -13,7 +13,55 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..recipe.meters import DataWaitMeter
 from .checkpoint import write_atomically
+from .distributed import all_sum
+
+SUM_KEYS = ("loss_sum", "samples", "data_wait_s", "step_s")
+
+
+class EpochTally:
+    """The sums behind one epoch's training metrics (``SUM_KEYS``).
+
+    ``carried`` holds sums already added up over all ranks. This rank's sums since then are ``loss_sum``
+    and ``samples`` (:meth:`add`) and the seconds of :attr:`meter`, the :class:`DataWaitMeter` that
+    training wraps its loader with (it owns the data-wait and step sums). :meth:`fold` (every rank at once:
+    at a checkpoint and at the epoch's end) moves them into ``carried`` with one ``all_reduce``. A
+    checkpoint stores ``carried``, so the epoch's figures survive a restart, also with another number of
+    processes; an uninterrupted run folds at the same steps, so both add the same numbers in the same order.
+
+    Parameters
+    ----------
+    carried : dict of str to float, optional
+        Sums restored from a checkpoint (default: zeros).
+    """
+
+    def __init__(self, carried: dict[str, float] | None = None):
+        self.carried = dict.fromkeys(SUM_KEYS, 0.0) | (carried or {})
+        self.loss_sum = self.samples = 0.0
+        self.meter = DataWaitMeter()
+
+    def add(self, loss: float, samples: int) -> None:
+        """Add one step of this rank: its mean ``loss`` over ``samples`` samples."""
+        self.loss_sum += loss * samples
+        self.samples += samples
+
+    def fold(self, device: torch.device) -> dict[str, float]:
+        """Sum this rank's sums over all ranks into ``carried`` and start them again from zero.
+
+        Every rank must call it at the same point (it runs one ``all_reduce``).
+
+        Returns
+        -------
+        dict of str to float
+            A copy of ``carried``.
+        """
+        local = [self.loss_sum, self.samples, self.meter.wait_s, self.meter.step_s]
+        for key, value in zip(SUM_KEYS, all_sum(local, device), strict=True):
+            self.carried[key] += value
+        self.loss_sum = self.samples = 0.0
+        self.meter.reset()  # a step still running is closed, and counted, after this
+        return dict(self.carried)
 
 
 def write_json(path: str | os.PathLike, data: dict, *, storage_options: dict[str, str] | None = None) -> None:
@@ -30,8 +78,8 @@ def write_json(path: str | os.PathLike, data: dict, *, storage_options: dict[str
     write_atomically(path, lambda f: f.write(text), storage_options=storage_options)
 
 
-def _quiet(*args, **kwargs) -> None:
-    """The log of ranks other than 0."""
+def quiet(*args, **kwargs) -> None:
+    """Print nothing: the log of ranks other than 0."""
 
 
 def order_digest(indices: list[int]) -> str:
@@ -88,6 +136,18 @@ def record_epoch(
     )
     if rank == 0 and path:
         write_json(path, metrics, storage_options=storage_options)
+
+
+def write_scalars(writer, row: dict, lr: float, epoch: int) -> None:
+    """Add an epoch's loss, accuracy, speed, data-wait share and learning rate to TensorBoard.
+
+    ``writer`` is :func:`tensorboard_writer`'s: ``None`` (nothing to do) or a ``SummaryWriter``.
+    """
+    if writer is None:
+        return
+    for key in ("train_loss", "val_accuracy", "images_per_s", "data_wait_fraction"):
+        writer.add_scalar(key, row[key], epoch)
+    writer.add_scalar("learning_rate", lr, epoch)
 
 
 @contextlib.contextmanager

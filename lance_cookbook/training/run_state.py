@@ -1,13 +1,11 @@
 """The resumable state of a training run (:class:`Run`): metrics, epoch, step and sums carried from step
-to step, saved into checkpoints and restored from them, with the random generators."""
+to step, saved into checkpoints and restored from them, with the random generators; and the ways a run
+stops early (:class:`TrainingDiverged`, :class:`Preempted`, :class:`PeerLost`)."""
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import random
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,7 +14,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..testing import PAUSE_ENV
 from .checkpoint import (
     CheckpointError,
     checkpoint_name,
@@ -25,9 +22,54 @@ from .checkpoint import (
     save_checkpoint,
     state_sha256,
 )
-from .distributed import StopRequest
-from .engine import EpochTally, TrainingDiverged, _unwrap
-from .reporting import _quiet, write_json
+from .distributed import StopRequest, unwrap
+from .reporting import EpochTally, quiet, write_json
+
+
+class TrainingDiverged(FloatingPointError):
+    """A non-finite (NaN or infinite) training loss or weight; the message names the epoch and step.
+
+    Raised on every rank at the same step, before the optimizer applies that step's update, so no weight
+    and no checkpoint takes the non-finite values (t3-train-nan-loss-unnoticed; chainerui#16).
+    """
+
+
+class Preempted(Exception):
+    """The run stopped at a step boundary after SIGTERM.
+
+    Rank 0 checkpointed that step (when the run has a ``--checkpoint-dir``); ``str()`` is the line
+    :func:`lance_cookbook.train.cli` prints.
+    """
+
+    def __init__(self, epoch: int, step: int, path: str | None, checkpointing: bool, rank: int):
+        where = (
+            f"checkpoint written to {path}"
+            if path
+            else (
+                "checkpoint written by rank 0"
+                if checkpointing
+                else "no checkpoint written (no --checkpoint-dir)"
+            )
+        )
+        super().__init__(f"preempted at epoch {epoch} step {step}: {where}")
+        self.epoch, self.step, self.path, self.rank = epoch, step, path, rank
+
+
+class PeerLost(RuntimeError):
+    """A stop was requested (SIGTERM) and the step failed because another rank is gone.
+
+    ``torch.distributed.run`` sends SIGTERM to the survivors when one rank dies: the rank leaves without a
+    checkpoint.
+    """
+
+    @classmethod
+    def after(cls, error: BaseException) -> PeerLost:
+        """The error to raise instead of ``error``, a step's failure after SIGTERM, naming its first line."""
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        return cls(
+            f"stopped after SIGTERM without a checkpoint: the step failed ({first}); another rank is "
+            "probably gone, and the last checkpoint stands"
+        )
 
 
 def find_checkpoint(
@@ -120,9 +162,35 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
+AfterStep = Callable[["Run", object, int], None]
+AfterCheckpoint = Callable[["Run", int, int], None]
+
+
 class Run:
-    """What one run carries from step to step and into its checkpoints: the metrics so far, the epoch
-    and step it is at, the epoch's :class:`EpochTally`, and where to save."""
+    """What one run carries from step to step and into its checkpoints.
+
+    The metrics so far, the epoch and step it is at, the epoch's :class:`EpochTally`, where to save, and
+    the hooks a harness (:mod:`lance_cookbook.testing`) may give :func:`lance_cookbook.train.main`.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        The parsed command line of ``python -m lance_cookbook.train``.
+    rank, world : int
+        This process's rank and the number of processes.
+    versions : dict of str to int
+        The dataset versions read (``{"train": N, "val": M}``).
+    names : list of str
+        The training set's ``label_names``.
+    stop : StopRequest, optional
+        Set by SIGTERM; a new one by default.
+    after_step : callable, optional
+        ``after_step(run, sampler, done)`` on every rank after each optimizer step, ``done`` being the steps
+        of this pass done (the sampler gives their samples). Not called by the script itself.
+    after_checkpoint : callable, optional
+        ``after_checkpoint(run, epoch, step)`` on every rank after each mid-epoch checkpoint. Not called by
+        the script itself.
+    """
 
     def __init__(
         self,
@@ -132,10 +200,13 @@ class Run:
         versions: dict,
         names: list[str],
         stop: StopRequest | None = None,
+        after_step: AfterStep | None = None,
+        after_checkpoint: AfterCheckpoint | None = None,
     ):
         self.args, self.rank, self.world = args, rank, world
         self.storage_options = dict(getattr(args, "storage_option", None) or []) or None
         self.stop = stop or StopRequest()
+        self.after_step, self.after_checkpoint = after_step, after_checkpoint
         self.saved_at: tuple[int, int] | None = None  # (epoch, consumed) of the last checkpoint written
         self.last_path: str | None = None  # where rank 0 wrote it
         self.metrics: dict = {
@@ -149,9 +220,12 @@ class Run:
         self.epoch = 0
         self.step = 0  # steps of the current epoch done before this pass
         self.tally = EpochTally()
-        self.log = print if rank == 0 else _quiet
-        self.sample_log = os.environ.get("LANCE_COOKBOOK_SAMPLE_LOG")
-        self.pause_at = os.environ.get(PAUSE_ENV)
+        self.log = print if rank == 0 else quiet
+
+    def start_epoch(self, epoch: int) -> None:
+        """Begin ``epoch``, unless it is the one a checkpoint resumes (then its step and sums stand)."""
+        if epoch != self.epoch:
+            self.epoch, self.step, self.tally = epoch, 0, EpochTally()
 
     def restore(self, path, state: dict, model, optimizer, schedule, sampler) -> None:
         """Load a checkpoint into the model, optimizer, schedule and sampler, and record the resume.
@@ -174,7 +248,7 @@ class Run:
             sampler.load_state_dict(state["sampler"])
         except ValueError as e:
             raise CheckpointError(f"cannot resume from {path}: {e}") from None
-        _unwrap(model).load_state_dict(state["model"])
+        unwrap(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         set_rng_state(state["rng"])
@@ -246,7 +320,7 @@ class Run:
             On every rank, when a weight or buffer is NaN or infinite: such a checkpoint would replace a
             good one (only two are kept) with one nothing can resume from (t3-train-nan-loss-unnoticed).
         """
-        weights = _unwrap(model).state_dict()
+        weights = unwrap(model).state_dict()
         bad = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
         if bad:
             raise TrainingDiverged(
@@ -277,43 +351,39 @@ class Run:
 
     def finish(self, model: nn.Module) -> dict:
         """Add the final model's hash to the metrics, write them (rank 0) and return them."""
-        self.metrics["final_state_sha256"] = state_sha256(_unwrap(model))
+        self.metrics["final_state_sha256"] = state_sha256(unwrap(model))
         if self.rank == 0 and self.args.metrics_out:
             write_json(self.args.metrics_out, self.metrics, storage_options=self.storage_options)
         return self.metrics
 
-    def after_step_hook(self, model, optimizer, schedule, sampler, device) -> Callable[[int], None]:
-        """The ``after_step`` of :func:`train_one_epoch`: sample log, mid-epoch checkpoints."""
-        b, every = self.args.batch_size, self.args.checkpoint_every
+    def step_done(self, model, optimizer, schedule, sampler, done: int, device) -> None:
+        """After each optimizer step: the ``after_step`` hook, and every ``--checkpoint-every`` steps a
+        checkpoint (then the ``after_checkpoint`` hook).
+
+        Every rank calls it at the same steps. Mid-epoch checkpoints are saved only while every rank still
+        has a batch (a checkpoint is a collective); the epoch's last step is saved as the next epoch's start.
+        """
+        if self.after_step is not None:
+            self.after_step(self, sampler, done)
+        b, every, step = self.args.batch_size, self.args.checkpoint_every, self.step + done
         full = min(sampler.batches_per_rank(b))  # steps in which every rank has a batch
-        order = sampler.global_order() if self.sample_log else None
-        positions = sampler.positions()
+        if self.args.checkpoint_dir and every > 0 and step % every == 0 and done < full:
+            self.save(model, optimizer, schedule, sampler, sampler.consumed(done, b), step, device)
+            if self.after_checkpoint is not None:
+                self.after_checkpoint(self, sampler.epoch, step)
 
-        def after_step(done: int) -> None:
-            if self.sample_log:
-                with open(f"{self.sample_log}.rank{self.rank}", "a") as f:
-                    for p in positions[(done - 1) * b : done * b]:
-                        record = {
-                            "epoch": sampler.epoch,
-                            "position": p,
-                            "index": order[p],
-                            "world": self.world,
-                        }
-                        f.write(json.dumps(record, allow_nan=False) + "\n")
-            step = self.step + done
-            if self.args.checkpoint_dir and every > 0 and step % every == 0 and done < full:
-                consumed = sampler.consumed(done, b)
-                self.save(model, optimizer, schedule, sampler, consumed, step, device)
-                if self.pause_at == f"{sampler.epoch}:{step}":
-                    self.log(f"paused after the checkpoint of epoch {sampler.epoch}, step {step}", flush=True)
-                    # a test or the chapter kills a rank here and torchrun then stops the others; should the
-                    # launcher itself die first (a failed test, an interrupted cell), leave instead of
-                    # sleeping for ever as an orphan; a SIGTERM (a preemption test) ends the pause too, and
-                    # the run stops after the next step
-                    launcher = os.getppid()
-                    while os.getppid() == launcher and not self.stop.requested:
-                        time.sleep(0.1)
-                    if not self.stop.requested:
-                        raise SystemExit("the launcher is gone: leaving the pause")
+    def preempted(self, model, optimizer, schedule, sampler, done: int, device) -> Preempted:
+        """All ranks, after the step at which they agreed to stop: checkpoint it unless just saved.
 
-        return after_step
+        Returns
+        -------
+        Preempted
+            The exception to raise; rank 0's names the checkpoint written.
+        """
+        consumed, step = sampler.consumed(done, self.args.batch_size), self.step + done
+        checkpointing, path = self.args.checkpoint_dir is not None, None
+        if checkpointing and self.saved_at != (sampler.epoch, consumed):  # not already saved after that step
+            path = self.save(model, optimizer, schedule, sampler, consumed, step, device)
+        elif checkpointing and self.rank == 0:
+            path = self.last_path
+        return Preempted(sampler.epoch, step, path, checkpointing, self.rank)

@@ -1,5 +1,5 @@
-"""Building a training run from the command line: the datasets (at versions all ranks agree on), the
-loaders, and the model, optimizer and schedule."""
+"""The datasets of a training run: opened at versions all ranks agree on, refused when empty or when their
+labels cannot size a model, and the wrappers that seed each training sample's augmentation."""
 
 from __future__ import annotations
 
@@ -9,19 +9,11 @@ import json
 import lance
 import pyarrow as pa
 import pyarrow.compute as pc
-import torch
-import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset, Sampler
 
-from ..recipe.block_sampler import BlockShuffleSampler
-from ..recipe.collate import AUGMENT_SEED, ImageCollate, augment_seed
+from ..recipe.collate import AUGMENT_SEED, augment_seed
 from ..recipe.dataset import EmptyDataset, label_names, open_dataset
-from ..recipe.loader import make_loader
-from ..recipe.sampler import ResumableDistributedSampler, ShardSampler
-from .distributed import agreed_versions, ignore_sigterm
-from .models import build_model
-from .schedule import OneCycleSchedule
+from .distributed import agreed_versions
 
 
 def require_rows(dataset, role: str) -> None:
@@ -145,10 +137,14 @@ def open_datasets(args: argparse.Namespace, rank: int, pinned: dict[str, int] | 
     return train_ds, val_ds, versions
 
 
-class _EpochPositions(Sampler):
-    """A training sampler (:class:`ResumableSampler`) that yields ``(epoch, position, index)`` instead of
-    ``index``, ``position`` being the sample's place in the epoch's global order; every other attribute is
-    the wrapped sampler's. With :class:`_SeededRows` it gives each sample its own augmentation seed."""
+class EpochPositions(Sampler):
+    """A training sampler that yields ``(epoch, position, index)`` instead of ``index``.
+
+    ``position`` is the sample's place in the epoch's global order; every other attribute is the wrapped
+    sampler's (:class:`lance_cookbook.recipe.sampler.ResumableDistributedSampler` or
+    :class:`lance_cookbook.recipe.block_sampler.BlockShuffleSampler`). With :class:`SeededRows` it gives each
+    sample its own augmentation seed.
+    """
 
     def __init__(self, sampler):
         self.sampler = sampler
@@ -167,11 +163,13 @@ class _EpochPositions(Sampler):
         return len(self.sampler)
 
 
-class _SeededRows(Dataset):
-    """Reads the rows of ``(epoch, position, index)`` keys from ``dataset`` and adds to each its
-    ``AUGMENT_SEED`` (:func:`lance_cookbook.recipe.collate.augment_seed` of ``seed``, epoch and
-    position), so the collate crops and flips it the same way in an uninterrupted and in a resumed run
-    (t3-ckpt-augment-resume-differs). Pickles with its dataset (cheaply) to the workers."""
+class SeededRows(Dataset):
+    """Reads the rows of ``(epoch, position, index)`` keys from ``dataset`` and adds each one's seed.
+
+    The seed (``AUGMENT_SEED``: :func:`lance_cookbook.recipe.collate.augment_seed` of ``seed``, epoch and
+    position) makes the collate crop and flip a sample the same way in an uninterrupted and in a resumed
+    run (t3-ckpt-augment-resume-differs). Pickles with its dataset (cheaply) to the workers.
+    """
 
     def __init__(self, dataset, seed: int):
         self.dataset, self.seed = dataset, seed
@@ -184,70 +182,3 @@ class _SeededRows(Dataset):
         for row, (epoch, position, _) in zip(rows, keys, strict=True):
             row[AUGMENT_SEED] = augment_seed(self.seed, epoch, position)
         return rows
-
-
-def build_loaders(args: argparse.Namespace, train_ds, val_ds, rank: int, world: int):
-    """The training loader (:class:`ResumableDistributedSampler`, or :class:`BlockShuffleSampler` with
-    ``--sampler block``; both resume mid-epoch) and the exactly-once evaluation loader
-    (:class:`ShardSampler`), both decoding to uint8 in their workers.
-
-    With ``--augment`` each training sample's crop and flip come from a seed of (``--seed``, epoch,
-    position in the epoch), not from the workers' generators, so a resumed run is bit-identical to an
-    uninterrupted one. The workers ignore SIGTERM
-    (:func:`lance_cookbook.training.distributed.ignore_sigterm`), so a preempted rank can finish its step.
-
-    Returns
-    -------
-    tuple
-        ``(train_loader, val_loader)``; call ``train_loader.sampler.set_epoch(epoch)`` every epoch.
-    """
-    # DistributedSampler's padding: every rank gets the same number of samples and batches, so no rank
-    # waits on a gradient all-reduce that another never starts (drop_last is not needed).
-    kind = getattr(args, "sampler", "distributed")
-    if kind == "block":
-        sampler = BlockShuffleSampler(
-            train_ds, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, block_size=args.block_size
-        )
-    else:
-        sampler = ResumableDistributedSampler(
-            train_ds, num_replicas=world, rank=rank, shuffle=True, seed=args.seed
-        )
-    if args.augment:
-        train_ds, sampler = _SeededRows(train_ds, args.seed), _EpochPositions(sampler)
-    train_loader = make_loader(
-        train_ds,
-        batch_size=args.batch_size,
-        num_workers=args.workers,
-        sampler=sampler,
-        collate_fn=ImageCollate(
-            args.image_size, train=args.augment, decoder="torchvision", dtype=torch.uint8
-        ),
-        worker_init_fn=ignore_sigterm,
-    )
-    val_loader = make_loader(
-        val_ds,
-        batch_size=args.batch_size,
-        num_workers=args.workers,
-        sampler=ShardSampler(val_ds, num_replicas=world, rank=rank),
-        collate_fn=ImageCollate(args.image_size, train=False, decoder="torchvision", dtype=torch.uint8),
-        worker_init_fn=ignore_sigterm,
-    )
-    return train_loader, val_loader
-
-
-def build_training(args: argparse.Namespace, num_classes: int, device: torch.device):
-    """The model (DDP-wrapped when several processes train), AdamW and a one-cycle schedule read at
-    training progress (:class:`OneCycleSchedule`).
-
-    Returns
-    -------
-    tuple
-        ``(model, optimizer, schedule)``.
-    """
-    model = build_model(args.model, num_classes).to(device)
-    if args.amp and device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)  # convolutions run faster in NHWC on GPUs
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    return model, optimizer, OneCycleSchedule(optimizer, max_lr=args.lr)
