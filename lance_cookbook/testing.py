@@ -1,4 +1,4 @@
-"""Test hooks, fault injection and a local S3 server for tests and chapters; none of it runs in training.
+"""Test hooks and fault injection for tests and chapters; none of it runs in training.
 
 The command line ``python -m lance_cookbook.train`` hands :func:`lance_cookbook.train.main` the hooks its
 environment asks for (:func:`hooks_from_env`), as explicit callbacks; ``main`` called from Python gets none:
@@ -10,36 +10,29 @@ environment asks for (:func:`hooks_from_env`), as explicit callbacks; ``main`` c
   lines for every sample it trained on to ``PATH.rank{R}``.
 
 The rest finds one rank's process and kills it, as a preempted node or an OOM-killed process would die,
-watches a job's processes go, and runs moto's S3 server (:func:`local_s3`). These helpers live in the
-package, not in a notebook, so tests and chapters share them.
+and watches a job's processes go. These helpers live in the package, not in a notebook, so tests and
+chapters share them.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import signal
 import subprocess
 import time
-import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import psutil
-
-from .object_store import s3_storage_options
 
 __all__ = [
     "hooks_from_env",
     "SampleLog",
     "PauseAfterCheckpoint",
     "SAMPLE_LOG_ENV",
-    "local_s3",
     "PAUSE_ENV",
     "JOB_ENV",
     "pause_env",
@@ -300,64 +293,3 @@ def kill_rank_when_paused(
             os.kill(target.pid, signal.SIGKILL)
             return Kill(target.pid, left, rss)
         time.sleep(0.1)
-
-
-# Placeholders for the local server only: moto accepts any credentials, and these exist nowhere else.
-DUMMY_KEY = "cookbook-test-key"
-DUMMY_SECRET = "cookbook-test-secret"
-
-
-def _endpoint(server) -> str:
-    host, port = server.get_host_and_port()
-    return f"http://{host}:{port}"
-
-
-@contextmanager
-def local_s3(
-    bucket: str = "lance-cookbook",
-    *,
-    key: str = DUMMY_KEY,
-    secret: str = DUMMY_SECRET,
-    region: str = "us-east-1",
-    wsgi_middleware: Callable[[Any], Any] | None = None,
-) -> Iterator[dict[str, str]]:
-    """Run moto's S3 server on ``127.0.0.1`` (a free port) with ``bucket`` created; yield its storage options.
-
-    For tests and notebooks: the server lives in a thread of this process and forgets everything when the
-    block ends; moto accepts any ``key``/``secret``. Other processes (DataLoader workers, a
-    conversion subprocess) reach it over HTTP with the yielded options. Needs the ``scale``
-    extra (``moto[server]``, ``boto3``). ``wsgi_middleware``, if given, is called once with moto's WSGI
-    application and must return the application to serve instead (every request, the bucket's creation
-    included, then passes through it): how :mod:`lance_cookbook.bench.s3_traffic` counts requests.
-    """
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    access_log = logging.getLogger("werkzeug")  # one INFO line per request otherwise
-    level = access_log.level
-    access_log.setLevel(logging.WARNING)
-    try:
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        server.start()
-        try:
-            if wsgi_middleware is not None:
-                # werkzeug's server (moto keeps it in _server) looks its application up on every request
-                server._server.app = wsgi_middleware(server._server.app)
-            options = s3_storage_options(_endpoint(server), key, secret, region)
-            boto3.client(
-                "s3",
-                endpoint_url=options["aws_endpoint"],
-                aws_access_key_id=key,
-                aws_secret_access_key=secret,
-                region_name=region,
-            ).create_bucket(Bucket=bucket)
-            yield options
-        finally:
-            # moto keeps its buckets in this process's memory beyond the server: forget them
-            no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-            try:
-                no_proxy.open(urllib.request.Request(f"{_endpoint(server)}/moto-api/reset", method="POST"))
-            finally:
-                server.stop()
-    finally:
-        access_log.setLevel(level)

@@ -21,7 +21,7 @@ from lance_cookbook.bench.runner import folder_stats  # noqa: E402
 from lance_cookbook.bench.s3_counter import Request, TrafficCounter, serial_round_trips, summarize  # noqa: E402
 from lance_cookbook.bench.s3_formats import FORMATS, Context, Store, upload  # noqa: E402
 from lance_cookbook.bench.s3_traffic import build_parser, images_per_s, main, measure  # noqa: E402
-from lance_cookbook.testing import local_s3  # noqa: E402
+from lance_cookbook.object_store import local_s3  # noqa: E402
 
 BUCKET = "traffic-test"
 IMAGES = 1280  # 20 batches of 64

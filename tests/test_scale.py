@@ -26,8 +26,7 @@ from tqdm.auto import tqdm
 from data_prep.check import InvalidImage
 from data_prep.convert import convert
 from lance_cookbook import ImageCollate, label_names, make_loader
-from lance_cookbook.object_store import s3_storage_options
-from lance_cookbook.testing import local_s3
+from lance_cookbook.object_store import local_s3, s3_storage_options
 
 pytest.importorskip("moto", reason="needs the scale extra: pip install -e '.[scale]'")
 pytest.importorskip("boto3", reason="needs the scale extra: pip install -e '.[scale]'")

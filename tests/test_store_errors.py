@@ -24,9 +24,8 @@ import pyarrow as pa
 import pytest
 
 from lance_cookbook import DatasetNotFound, make_loader, open_dataset
-from lance_cookbook.object_store import s3_storage_options
+from lance_cookbook.object_store import local_s3, s3_storage_options
 from lance_cookbook.recipe.store_errors import endpoint_proxy, silent_endpoint_reason, store_error_reason
-from lance_cookbook.testing import local_s3
 
 BUCKET = "store-faults"
 

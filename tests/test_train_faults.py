@@ -136,7 +136,7 @@ def test_unsupported_or_mangled_uris_are_refused():
 def test_checkpoints_and_metrics_go_to_the_bucket_and_resume_from_it(small, tmp_path, monkeypatch):
     pytest.importorskip("moto")
     boto3 = pytest.importorskip("boto3")
-    from lance_cookbook.testing import local_s3
+    from lance_cookbook.object_store import local_s3
 
     monkeypatch.chdir(tmp_path)
     with local_s3("bkt") as opts:

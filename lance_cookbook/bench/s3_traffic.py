@@ -3,7 +3,7 @@ the server, and a model of images/s per worker at a given request latency.
 
 ``python -m lance_cookbook.bench.s3_traffic --imagefolder DIR --lance PATH`` uploads the same images in each
 format (:mod:`.s3_formats`) to moto's S3 server running in this process
-(:func:`lance_cookbook.testing.local_s3`), reads one epoch of each the way its library reads remote data,
+(:func:`lance_cookbook.object_store.local_s3`), reads one epoch of each the way its library reads remote data,
 and counts every HTTP request at the server (:mod:`.s3_counter`). moto's speed says nothing about S3, so
 the figures are counts; time enters only through the model (:func:`images_per_s`) and, with
 ``--delay-ms``, a delay added before every request, which makes the round trips a loader waits for one
@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Upload, read and model every format of ``args`` (see :func:`build_parser`); returns the report."""
-    from ..testing import local_s3
+    from ..object_store import local_s3
     from .runner import folder_stats
     from .s3_formats import FORMATS, Context, Store, prepare, upload
 
