@@ -41,6 +41,7 @@ CHAPTERS = [
     "04_collate",
     "05_launch",
     "06_object_storage",
+    "07_which_loader",
 ]
 PAGE_TIMEOUT_MS = 20_000
 
@@ -203,7 +204,11 @@ def test_chapters_show_their_outputs(site: Path):
     for chapter in CHAPTERS:
         html = (site / "chapters" / chapter / "index.html").read_text(encoding="utf-8")
         assert "jp-OutputArea-output" in html, f"{chapter}: no cell outputs (was build/ executed?)"
-        if chapter not in ("03_sampler_and_loader", "06_object_storage"):  # those two print, not plot
+        if chapter not in (
+            "03_sampler_and_loader",
+            "06_object_storage",
+            "07_which_loader",
+        ):  # print, not plot
             assert 'src="data:image/png;base64,' in html, f"{chapter}: no figure"
 
 
