@@ -1,8 +1,7 @@
 """A DDP training sampler whose batches read runs of consecutive rows: block shuffling.
 
-A ``take`` of consecutive rows costs about a third of one of scattered rows (``docs/benchmark.md``). As in
-FFCV's quasi-random order and MosaicML Streaming's block shuffles, blocks are permuted, then rows shuffled
-within a few blocks. Blocks of an ImageFolder-ordered dataset hold one class: shuffle rows at conversion.
+A ``take`` of consecutive rows costs about a third of one of scattered rows (docs/benchmark.md); why and
+what it needs of the data: docs/training.md, "Block-shuffled reads".
 """
 
 from __future__ import annotations
@@ -19,8 +18,7 @@ __all__ = ["BlockShuffleSampler"]
 class BlockShuffleSampler(ResumableSampler):
     """Shuffle blocks of consecutive rows, then rows within windows of blocks; one chunk per DDP rank.
 
-    ``DistributedSampler``'s constructor and guarantees (``len(self)`` indices per rank, every row once per
-    epoch plus padding, an order that depends on ``(seed, epoch)``, dataset size and world size), and
+    ``DistributedSampler``'s constructor and guarantees (every row once per epoch plus padding), and
     :class:`.sampler.ResumableSampler`'s resumption: :meth:`global_order` interleaves the ranks' chunks.
 
     Parameters
@@ -62,25 +60,17 @@ class BlockShuffleSampler(ResumableSampler):
         self.window = window
 
     def block_order(self) -> torch.Tensor:
-        """Return the epoch's row positions in block order, int64 ``[total_size]``, padding included.
-
-        Rank ``r`` of the world size the epoch began with (``order_replicas``) reads the ``r``-th of that
-        many equal contiguous slices.
-        """
+        """Return the epoch's rows in block order, int64 ``[total_size]``; rank ``r`` reads slice ``r``."""
         n, b = self.dataset_size, self.block_size
         if n == 0 or self.total_size == 0:
             return torch.empty(0, dtype=torch.int64)
         if not self.shuffle:
-            rows = torch.arange(n, dtype=torch.int64)
-            return pad_order(rows, self.total_size)
-        g = torch.Generator()
-        g.manual_seed(self.seed + self.epoch)
-        num_blocks = -(-n // b)
+            return pad_order(torch.arange(n, dtype=torch.int64), self.total_size)
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
         # block k holds rows k*b .. min(n, (k+1)*b) - 1; a short last block lands wherever its block does
-        blocks = torch.randperm(num_blocks, generator=g)
+        blocks = torch.randperm(-(-n // b), generator=g)
         rows = (blocks[:, None] * b + torch.arange(b)[None, :]).reshape(-1)
-        rows = rows[rows < n]
-        rows = pad_order(rows, self.total_size)
+        rows = pad_order(rows[rows < n], self.total_size)
         # windows counted from each rank's chunk start: no window straddles two ranks
         chunk = self.total_size // self.order_replicas
         pos = torch.arange(self.total_size)

@@ -28,9 +28,7 @@ class EmptyDataset(ValueError):
 
 def dataset_options(version: int | str | None = None, storage_options: dict[str, str] | None = None) -> dict:
     """Return the ``lance.dataset`` keyword arguments that ``SafeLanceDataset`` hands to every worker."""
-    options: dict[str, Any] = {}
-    if version is not None:
-        options["version"] = version
+    options: dict[str, Any] = {} if version is None else {"version": version}
     if storage_options:
         options["storage_options"] = dict(storage_options)
     return options
@@ -50,11 +48,7 @@ def _open(uri: str | os.PathLike, options: dict) -> lance.LanceDataset:
 
 
 class Rows(list):
-    """The rows of one batched read: a plain ``list[dict]`` that also knows where each row came from.
-
-    ``indices[i]`` is the dataset position of ``rows[i]``; ``describe(i)`` looks up that row's ``source``
-    (or ``id``) column only when asked, so a decode error can name the file.
-    """
+    """The rows (``list[dict]``) of one batched read; ``indices[i]`` is the dataset position of row ``i``."""
 
     def __init__(self, rows: list[dict[str, Any]], dataset: LanceImageDataset, indices: list[int]):
         super().__init__(rows)
@@ -80,12 +74,10 @@ class Rows(list):
 
 
 class LanceImageDataset(SafeLanceDataset):
-    """``SafeLanceDataset`` whose batched read takes only ``columns`` and whose indices behave like a list's.
+    """``SafeLanceDataset`` whose batched read takes only ``columns`` (None: all) and indexes like a list.
 
-    ``__getitems__(indices)`` does one ``take`` and returns :class:`Rows` in the order asked, duplicates
-    included; ``columns=None`` reads every column. A negative index counts from the end; one outside
-    ``[-len, len)`` raises ``IndexError`` naming the index, the length and the URI (Lance raises
-    ``OSError`` or ``OverflowError``); a non-integer raises ``TypeError``. Opens lazily in each worker.
+    ``__getitems__`` does one ``take`` and returns :class:`Rows` in the order asked, duplicates included.
+    An index outside ``[-len, len)`` raises ``IndexError`` naming the URI; a non-integer, ``TypeError``.
     """
 
     def __init__(
@@ -177,22 +169,17 @@ def latest_version(uri: str | os.PathLike, *, storage_options: dict[str, str] | 
 def stored_metadata(schema: pa.Schema, field: str, key: bytes) -> bytes | None:
     """Return ``key`` from the metadata of ``field``, else of the schema (older datasets); ``None`` if absent.
 
-    New datasets store it on the field: schema-level metadata makes LanceDB's loaders panic
-    (docs/lance_loaders.md; ``python -m data_prep.migrate`` moves it).
+    Schema-level metadata makes LanceDB's loaders panic (docs/lance_loaders.md; ``data_prep.migrate``).
     """
     on_field = schema.field(field).metadata if field in schema.names else None
     return (on_field or {}).get(key) or (schema.metadata or {}).get(key)
 
 
 def label_names(
-    uri: str | os.PathLike,
-    *,
-    version: int | str | None = None,
-    storage_options: dict[str, str] | None = None,
+    uri: str | os.PathLike, *, version: int | str | None = None, storage_options: dict[str, str] | None = None
 ) -> list[str]:
-    """Return the class names stored by the conversion, in class-index order; ``[]`` when none are.
+    """Return the class names stored by the conversion (``label`` field's ``label_names``); ``[]`` if none.
 
-    Read from ``label_names`` (a JSON list) in the metadata of the ``label`` field (:func:`stored_metadata`).
     Raises :class:`DatasetNotFound`, or ``json.JSONDecodeError`` when the stored value is not JSON.
     """
     ds = _open(uri, dataset_options(version, storage_options))

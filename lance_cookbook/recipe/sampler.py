@@ -12,10 +12,7 @@ __all__ = ["ShardSampler", "ResumableSampler", "ResumableDistributedSampler", "p
 
 
 def replicas_and_rank(num_replicas: int | None, rank: int | None) -> tuple[int, int]:
-    """Return ``(num_replicas, rank)``, each from the process group when ``None`` (else 1 and 0).
-
-    Raises ``ValueError`` for a world size below 1 or a rank outside it.
-    """
+    """Return ``(num_replicas, rank)``, from the process group (else 1, 0) when None; raise ``ValueError``."""
     initialized = dist.is_available() and dist.is_initialized()
     if num_replicas is None:
         num_replicas = dist.get_world_size() if initialized else 1
@@ -31,17 +28,14 @@ def replicas_and_rank(num_replicas: int | None, rank: int | None) -> tuple[int, 
 class ShardSampler(Sampler[int]):
     """Rank ``r`` of ``w`` gets the contiguous rows ``[n*r//w, n*(r+1)//w)``: no padding, no shuffling.
 
-    ``DistributedSampler`` pads, so an evaluation counts some samples twice (pytorch#25162); these shards
-    partition the dataset, so ``all_reduce`` of correct predictions and counts is exact. Shards may differ by
-    one row: evaluate on ``ddp.module``, whose forward runs no collectives.
+    Exact evaluation counts, unlike ``DistributedSampler`` (pytorch#25162). Shards may differ by one row:
+    evaluate on ``ddp.module``, whose forward runs no collectives (docs/training.md).
     """
 
     def __init__(self, data_source: Sized | int, num_replicas: int | None = None, rank: int | None = None):
         n = data_source if isinstance(data_source, int) else len(data_source)
         num_replicas, rank = replicas_and_rank(num_replicas, rank)
-        self.num_samples_total = n
-        self.num_replicas = num_replicas
-        self.rank = rank
+        self.num_samples_total, self.num_replicas, self.rank = n, num_replicas, rank
         self.start = n * rank // num_replicas
         self.stop = n * (rank + 1) // num_replicas
 
@@ -55,9 +49,8 @@ class ShardSampler(Sampler[int]):
 class ResumableSampler(Sampler[int]):
     """A DDP training sampler whose place in an epoch is ``(epoch, samples consumed)``, on any world size.
 
-    A subclass defines the epoch's **global order** (:meth:`_order`), rank ``r`` of ``w`` taking positions
-    ``r, r + w, ...``, so a step of ``b`` samples per rank consumes the next ``w * b``. Resumed on another
-    world size, the rest of the epoch is split among the new ranks: nothing repeated or skipped.
+    A subclass defines the epoch's global order (:meth:`_order`); rank ``r`` of ``w`` takes positions
+    ``r, r + w, ...``. Resumed on another world size, the rest is split among the new ranks.
 
     Parameters
     ----------
@@ -83,17 +76,13 @@ class ResumableSampler(Sampler[int]):
         seed: int = 0,
         drop_last: bool = False,
     ):
-        num_replicas, rank = replicas_and_rank(num_replicas, rank)
         self.dataset_size = len(dataset)
-        self.num_replicas = num_replicas
-        self.rank = rank
-        self.shuffle = shuffle
-        self.seed = seed
-        self.drop_last = drop_last
+        self.num_replicas, self.rank = replicas_and_rank(num_replicas, rank)
+        self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
         self.epoch = 0
         self.start = 0  # positions of this epoch's global order consumed before this pass
         self.total_size = self._padded_size()
-        self.order_replicas = num_replicas  # the world size this epoch's order was laid out for
+        self.order_replicas = self.num_replicas  # the world size this epoch's order was laid out for
         self._resume_epoch: int | None = None
 
     def _padded_size(self) -> int:
@@ -106,10 +95,10 @@ class ResumableSampler(Sampler[int]):
 
     def set_epoch(self, epoch: int) -> None:
         """Start ``epoch`` from its first sample, unless a loaded state resumes that very epoch."""
-        if epoch == self._resume_epoch:
-            self._resume_epoch = None
-            return
+        resuming = epoch == self._resume_epoch
         self._resume_epoch = None
+        if resuming:
+            return
         self.epoch = epoch
         self.start = 0
         self.total_size = self._padded_size()
@@ -158,8 +147,7 @@ class ResumableSampler(Sampler[int]):
         Raises
         ------
         ValueError
-            Another kind of sampler saved ``state``, or the dataset length, seed, shuffling or a
-            subclass's order parameters differ: the order would not be the interrupted one.
+            Another kind of sampler saved ``state``, or a parameter of the order (``_order_keys``) differs.
         """
         saved_by = state.get("sampler", "ResumableDistributedSampler")  # older checkpoints name none
         if saved_by != type(self).__name__:
@@ -198,11 +186,7 @@ class ResumableDistributedSampler(ResumableSampler):
     def _order(self) -> torch.Tensor:
         n = self.dataset_size
         if self.shuffle:
-            g = torch.Generator()
-            g.manual_seed(self.seed + self.epoch)
-            indices = torch.randperm(n, generator=g)
+            indices = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
         else:
             indices = torch.arange(n, dtype=torch.int64)
-        if n == 0:
-            return indices
-        return pad_order(indices, self.total_size)
+        return pad_order(indices, self.total_size)  # total_size is 0 when n is
