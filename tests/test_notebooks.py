@@ -21,7 +21,11 @@ CHAPTERS = [
     "03_sampler_and_loader.ipynb",
     "04_collate.ipynb",
     "05_launch.ipynb",
+    "06_object_storage.ipynb",
+    "07_which_loader.ipynb",
 ]
+# chapter 6 converts the digits into its own S3 bucket instead
+DIGITS_CHAPTERS = [name for name in CHAPTERS if name != "06_object_storage.ipynb"]
 PARAMETERS_LINE = 'SMALL = os.environ.get("CI") == "true"'
 # a line the kernel would hand to a shell or to IPython instead of running it as Python
 MAGIC = re.compile(r"^\s*[!%]", re.MULTILINE)
@@ -65,18 +69,71 @@ def shell_problems(nb: dict) -> list[str]:
     return problems
 
 
+# calls that hand their arguments to DataLoader workers, and the arguments that cross: the dataset (first
+# positional or dataset=), the collate and the worker initializer
+LOADER_CALLS = {"make_loader", "DataLoader", "get_safe_loader", "StreamingDataLoader", "ReentrantDataLoader"}
+WORKER_KEYWORDS = {"dataset", "collate_fn", "worker_init_fn"}
+GETSOURCE_LIMIT = 4  # chapters write main-process code in cells; getsource is for what cannot be
+
+
+def _called_name(call: ast.Call) -> str | None:
+    func = call.func
+    return func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else None
+
+
+def _uses(node: ast.AST, names: set[str]) -> list[str]:
+    """Names of ``names`` read inside ``node``, and ``lambda`` for a lambda in it."""
+    found = []
+    for sub in ast.walk(node):
+        if isinstance(sub, ast.Name) and sub.id in names:
+            found.append(sub.id)
+        elif isinstance(sub, ast.Lambda):
+            found.append("lambda")
+    return found
+
+
 def definition_problems(nb: dict) -> list[str]:
-    """No top-level ``def`` or ``class`` in a code cell: under spawn, DataLoader workers and torchrun
-    children cannot unpickle what a notebook defines ("Can't get attribute ... on <module '__main__'>"),
-    so recipes are imported from ``lance_cookbook``."""
+    """Nothing a notebook defines reaches a DataLoader worker. Under spawn and forkserver a worker unpickles
+    the dataset, the collate and ``worker_init_fn``, and cannot find what a notebook's ``__main__`` defined
+    ("Can't get attribute ... on <module '__main__'>", pytorch#46648), so those come from ``lance_cookbook``.
+
+    Main-process code (a sampler, an evaluation loop, ``to_device``, a training step) may be defined in a
+    cell. Checked statically: a ``def``/``class`` of the notebook, a lambda, or a variable assigned from one
+    of them, passed as the dataset, ``collate_fn=`` or ``worker_init_fn=`` of a loader call, or as the
+    function of ``mp.spawn`` / ``Process(target=...)``.
+    """
+    defined: set[str] = set()  # defined in the notebook, or assigned from something that was
     problems = []
     for i, _, source in code_cells(nb):
         tree = ast.parse(source, filename=f"cell {i}")
-        kinds = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
-        names = [node.name for node in tree.body if isinstance(node, kinds)]
-        if names:
-            problems.append(f"cell {i} defines {', '.join(names)}; move it into lance_cookbook")
+        for node in tree.body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                defined.add(node.name)
+            elif isinstance(node, (ast.Assign, ast.AnnAssign)) and node.value is not None:
+                if _uses(node.value, defined) and not isinstance(node.value, ast.Lambda):
+                    targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                    defined |= {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+        for call in (n for n in ast.walk(tree) if isinstance(n, ast.Call)):
+            name = _called_name(call)
+            if name in LOADER_CALLS:
+                crossing = call.args[:1] + [k.value for k in call.keywords if k.arg in WORKER_KEYWORDS]
+            elif name == "spawn":
+                crossing = call.args[:1]
+            elif name == "Process":
+                crossing = [k.value for k in call.keywords if k.arg == "target"]
+            else:
+                continue
+            for arg in crossing:
+                for used in _uses(arg, defined):
+                    problems.append(
+                        f"cell {i} passes {used} (defined in the notebook) to {name}, whose worker processes "
+                        "cannot unpickle it; import it from lance_cookbook"
+                    )
     return problems
+
+
+def getsource_count(nb: dict) -> int:
+    return sum(source.count("getsource(") for _, _, source in code_cells(nb))
 
 
 def layout_problems(nb: dict) -> list[str]:
@@ -107,10 +164,15 @@ def test_notebook(path: Path, check):
     assert not problems, f"{path.name}: " + "; ".join(problems)
 
 
-@pytest.mark.parametrize("name", CHAPTERS)
+@pytest.mark.parametrize("name", DIGITS_CHAPTERS)
 def test_chapter_uses_the_shared_digits(name: str):
     sources = "\n".join(source for _, _, source in code_cells(load(NOTEBOOK_DIR / name)))
     assert "train_uri, test_uri = ensure_digits()" in sources
+
+
+def test_chapters_show_code_in_cells_not_through_getsource():
+    counts = {p.name: getsource_count(load(p)) for p in NOTEBOOKS}
+    assert sum(counts.values()) <= GETSOURCE_LIMIT, f"inspect.getsource calls per chapter: {counts}"
 
 
 def test_collate_chapter_keeps_its_benchmark_section():
@@ -141,8 +203,18 @@ def test_a_clean_notebook_passes():
         (notebook("!torchrun --nproc_per_node 2 train.py"), shell_problems),
         (notebook("%%bash\nls"), shell_problems),
         (notebook("import os\nos.system('torchrun train.py')"), shell_problems),
-        (notebook("def collate(rows):\n    return rows"), definition_problems),
-        (notebook("class Collate:\n    pass"), definition_problems),
+        (
+            notebook("def collate(rows):\n    return rows", "lc.make_loader(uri, collate_fn=collate)"),
+            definition_problems,
+        ),
+        (notebook("class Collate:\n    pass", "DataLoader(ds, collate_fn=Collate())"), definition_problems),
+        (
+            notebook("class Rows:\n    pass", "rows = Rows()", "DataLoader(rows, num_workers=2)"),
+            definition_problems,
+        ),
+        (notebook("def init(i):\n    pass", "lc.make_loader(uri, worker_init_fn=init)"), definition_problems),
+        (notebook("get_safe_loader(ds, collate_fn=lambda rows: rows)"), definition_problems),
+        (notebook("def run(rank):\n    pass", "mp.spawn(run, nprocs=2)"), definition_problems),
         ({"metadata": {}, "cells": notebook("x = 1")["cells"][1:]}, layout_problems),  # no intro
     ],
 )
@@ -157,8 +229,23 @@ def test_output_check_catches_outputs():
     assert len(output_problems(nb)) == 2
 
 
+def test_main_process_code_may_be_defined_in_a_cell():
+    # a sampler, an evaluation loop or a train step runs in the notebook's own process: never pickled
+    nb = notebook(
+        "def my_shard_sampler(n, w, r):\n    return range(n * r // w, n * (r + 1) // w)",
+        "sampler = my_shard_sampler(10, 2, 0)",
+        "loader = lc.make_loader(uri, sampler=sampler, collate_fn=lc.ImageCollate(32))",
+        "def evaluate(model, loader):\n    return sum(len(b) for b in loader)",
+    )
+    assert definition_problems(nb) == []
+
+
+def test_getsource_count_counts_every_call():
+    nb = notebook("print(inspect.getsource(f))", "print(inspect.getsource(g)); inspect.getsource(h)")
+    assert getsource_count(nb) == 3
+
+
 def test_lambdas_are_allowed():
-    # only top-level def/class are refused: a lambda used in the notebook's own process (a timing loop)
-    # never needs pickling
+    # a lambda used in the notebook's own process (a timing loop) never needs pickling
     nb = notebook("readers = {'row': lambda: 1, 'batch': lambda: 2}")
     assert definition_problems(nb) == []
