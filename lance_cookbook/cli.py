@@ -8,7 +8,7 @@ __all__ = ["storage_option_arg", "add_storage_option_argument"]
 
 
 def storage_option_arg(text: str) -> tuple[str, str]:
-    """argparse ``type=`` for one ``KEY=VALUE``; the value may itself contain ``=``.
+    """The argparse ``type=`` for one ``KEY=VALUE``; the value may itself contain ``=``.
 
     Parameters
     ----------
@@ -33,8 +33,9 @@ def storage_option_arg(text: str) -> tuple[str, str]:
 
 
 def add_storage_option_argument(parser: argparse.ArgumentParser, help: str) -> None:
-    """Add the repeatable ``--storage-option KEY=VALUE`` to ``parser``; read it as
-    ``dict(args.storage_option)`` (empty when not given).
+    """Add the repeatable ``--storage-option KEY=VALUE`` to ``parser``.
+
+    Read it as ``dict(args.storage_option)`` (empty when not given).
 
     Parameters
     ----------

@@ -1,5 +1,7 @@
-"""Where the cookbook keeps its datasets: ``$LANCE_COOKBOOK_DATA``, else ``data/`` of the checkout or of the
-current directory."""
+"""Where the cookbook keeps its datasets.
+
+``$LANCE_COOKBOOK_DATA``, else ``data/`` of the checkout or of the current directory.
+"""
 
 from __future__ import annotations
 

@@ -141,15 +141,19 @@ def pause_env(epoch: int, step: int) -> dict[str, str]:
 
 
 def job_env(marker: str | None = None) -> dict[str, str]:
-    """An environment entry that marks every process of a job: put it in the launcher's environment and
-    each process it starts inherits it (ranks, fork servers, DataLoader workers), whatever its name or
-    parent. ``marker`` defaults to a fresh random one."""
+    """An environment entry that marks every process of a job.
+
+    Put it in the launcher's environment and each process it starts inherits it (ranks, fork servers,
+    DataLoader workers), whatever its name or parent. ``marker`` defaults to a fresh random one.
+    """
     return {JOB_ENV: marker or uuid.uuid4().hex}
 
 
 def job_processes(env: dict[str, str]) -> list[psutil.Process]:
-    """The live processes whose environment holds the :func:`job_env` entry ``env`` (zombies excluded: they
-    hold no memory and no file)."""
+    """The live processes whose environment holds the :func:`job_env` entry ``env``.
+
+    Zombies are excluded: they hold no memory and no file.
+    """
     ((key, value),) = env.items()
     found = []
     for process in psutil.process_iter():
@@ -195,8 +199,10 @@ def wait_until_gone(processes: Callable[[], list[psutil.Process]], *, give_up_s:
 
 
 def wait_until_job_gone(env: dict[str, str], *, give_up_s: float = 30.0) -> float:
-    """Wait until no process of the job marked by ``env`` (:func:`job_env`) is alive; see
-    :func:`wait_until_gone` for what it returns and raises."""
+    """Wait until no process of the job marked by ``env`` (:func:`job_env`) is alive.
+
+    See :func:`wait_until_gone` for what it returns and raises.
+    """
     return wait_until_gone(lambda: job_processes(env), give_up_s=give_up_s)
 
 
@@ -232,8 +238,10 @@ def rank_process(launcher_pid: int, rank: int, module: str = "lance_cookbook.tra
 
 @dataclass
 class Kill:
-    """What :func:`kill_rank_when_paused` killed, and what it left: the rank's own children (its fork
-    server, its DataLoader workers), alive just before the kill."""
+    """What :func:`kill_rank_when_paused` killed, and what it left.
+
+    The rank's own children (its fork server, its DataLoader workers), alive just before the kill.
+    """
 
     pid: int
     left: list[psutil.Process]
@@ -243,8 +251,9 @@ class Kill:
 def kill_rank_when_paused(
     launcher: subprocess.Popen, checkpoint: str | os.PathLike, rank: int, *, give_up_s: float = 600.0
 ) -> Kill:
-    """Wait until ``checkpoint`` exists (the ranks pause right after writing it), then SIGKILL the process of
-    ``rank`` alone.
+    """Wait until ``checkpoint`` exists, then SIGKILL the process of ``rank`` alone.
+
+    The ranks pause right after writing ``checkpoint``.
 
     SIGKILL of that one pid, as the OOM killer or a crashing CUDA kernel does: no handler runs, no file is
     closed, and its DataLoader workers and fork server are left to notice by themselves (they do:

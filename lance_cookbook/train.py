@@ -1,6 +1,6 @@
-"""DDP training from Lance datasets: the recipe the notebooks teach, as a script torchrun launches.
+r"""DDP training from Lance datasets: the recipe the notebooks teach, as a script torchrun launches.
 
-    python -m torch.distributed.run --standalone --nproc_per_node N -m lance_cookbook.train \\
+    python -m torch.distributed.run --standalone --nproc_per_node N -m lance_cookbook.train \
         --train data/digits-train.lance --val data/digits-test.lance --epochs 5 --metrics-out metrics.json
 
 Runs as a plain single process too. Checkpoints (``--checkpoint-dir``, local or ``s3://``), resuming on

@@ -20,9 +20,11 @@ __all__ = ["ArrowImageCollate", "ArrowLanceDataset", "jpeg_views"]
 
 
 class ArrowLanceDataset(LanceImageDataset):
-    """``LanceImageDataset`` whose ``__getitems__`` returns the ``pyarrow.Table`` of its sorted ``take``
-    (rows in index order, not in the order asked for: a batch is a set), so the collate can read the binary
-    column's buffers in place (see :class:`ArrowImageCollate`)."""
+    """``LanceImageDataset`` whose ``__getitems__`` returns the ``pyarrow.Table`` of its sorted ``take``.
+
+    Rows come in index order, not in the order asked for (a batch is a set), so the collate can read the
+    binary column's buffers in place (see :class:`ArrowImageCollate`).
+    """
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return self.__getitems__([index]).to_pylist()[0]
@@ -34,8 +36,10 @@ class ArrowLanceDataset(LanceImageDataset):
 
 
 def jpeg_views(column: pa.Array | pa.ChunkedArray) -> list[torch.Tensor] | None:
-    """One uint8 tensor per value of an Arrow binary column, viewing the column's data buffer (no copy);
-    ``None`` unless every value is a non-null JPEG (starts with FF D8 FF)."""
+    """One uint8 tensor per value of an Arrow binary column, viewing the column's data buffer (no copy).
+
+    ``None`` unless every value is a non-null JPEG (starts with FF D8 FF).
+    """
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
     if column.null_count or len(column) == 0:
@@ -60,11 +64,14 @@ def jpeg_views(column: pa.Array | pa.ChunkedArray) -> list[torch.Tensor] | None:
 
 
 class ArrowImageCollate(ImageCollate):
-    """``ImageCollate`` that also takes the ``pyarrow.Table`` of one ``take`` (:class:`ArrowLanceDataset`):
+    """``ImageCollate`` that also takes the ``pyarrow.Table`` of one ``take`` (:class:`ArrowLanceDataset`).
+
     JPEG bytes are decoded straight from Arrow's buffer (no Python bytes, no dicts) and labels come from
-    numpy. Anything but an all-JPEG, all-valid batch goes through ``ImageCollate``."""
+    numpy. Anything but an all-JPEG, all-valid batch goes through ``ImageCollate``.
+    """
 
     def __call__(self, rows: Any) -> Batch:
+        """Decode a batch: the ``pyarrow.Table`` of one ``take``, or a list of rows (as ``ImageCollate``)."""
         if isinstance(rows, list):
             return super().__call__(rows)
         views = jpeg_views(rows.column(self.image_column)) if self.decoder == "torchvision" else None

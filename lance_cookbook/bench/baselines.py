@@ -22,9 +22,11 @@ __all__ = ["BytesImageFolder", "HFTransform", "RowByRowDataset", "load_hf", "pil
 
 
 def pil_eval_transform(size: int) -> T.Compose:
-    """What users write today for evaluation, on PIL images: ``Resize`` of the shorter side to
-    ``floor(size / EVAL_CROP_FRACTION)``, ``CenterCrop(size)``, ``ToTensor`` -> float32 ``[3, size, size]``
-    in [0, 1]; the same geometry as ``ImageCollate(size, train=False)``."""
+    """What users write today for evaluation, on PIL images.
+
+    ``Resize`` of the shorter side to ``floor(size / EVAL_CROP_FRACTION)``, ``CenterCrop(size)``, ``ToTensor``
+    -> float32 ``[3, size, size]`` in [0, 1]; the same geometry as ``ImageCollate(size, train=False)``.
+    """
     return T.Compose([T.Resize(math.floor(size / EVAL_CROP_FRACTION)), T.CenterCrop(size), T.ToTensor()])
 
 
@@ -57,6 +59,7 @@ class HFTransform:
         self.transform = pil_eval_transform(size)
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        """Transform each image of a batch of HF rows (as RGB); labels pass through."""
         return {
             "image": [self.transform(im.convert("RGB")) for im in batch["image"]],
             "label": batch["label"],
@@ -64,8 +67,10 @@ class HFTransform:
 
 
 def load_hf(folder: str, cache_dir: str, size: int, progress: bool) -> tuple[Any, dict[str, Any]]:
-    """HF ``load_dataset("imagefolder")`` of ``folder`` with :class:`HFTransform`, and what preparing it
-    cost: rows, seconds, images/s and the bytes of its cache."""
+    """HF ``load_dataset("imagefolder")`` of ``folder`` with :class:`HFTransform`, and what preparing it cost.
+
+    Rows, seconds, images/s and the bytes of its cache.
+    """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local builder needs no hub; never wait on a network
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     import datasets

@@ -19,9 +19,11 @@ __all__ = ["breakdown"]
 def breakdown(
     uri: str, files: list[str], order: list[int], size: int, batch_size: int, images: int
 ) -> list[dict[str, Any]]:
-    """CPU microseconds per image of each step a worker of (g) (``lance_tv_uint8``) takes, and of the
-    alternatives, in this process with one torch thread, best of 3 passes over the first ``images`` of
-    ``order`` in batches. ``files[i]`` is the image file of row ``i`` of ``uri``.
+    """CPU microseconds per image of each step a worker of (g) (``lance_tv_uint8``) takes, and of others.
+
+    The others are the alternatives to each step. Measured in this process with one torch thread, best of 3
+    passes over the first ``images`` of ``order`` in batches. ``files[i]`` is the image file of row ``i`` of
+    ``uri``.
 
     Lance's own threads count (``time.process_time``), so a ``take`` is charged all the CPU it uses.
     """

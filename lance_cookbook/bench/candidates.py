@@ -111,11 +111,14 @@ def batch_entropy(batches: list[list[int]]) -> float | None:
 
 
 class EpochPermutations(Sampler[int]):
-    """A new random permutation of ``range(n)`` on every pass, as a training run's ``DistributedSampler``
-    with ``set_epoch`` gives: pass ``k`` is ``torch.randperm(n)`` seeded with ``seed + k``, so the k-th
-    epoch of every loader built with the same ``seed`` reads the same order (the comparison stays fair)
-    while no loader reads the same batches twice in a row. Lives in the main process (the DataLoader
-    iterates it there), so the pass counter is this loader's own."""
+    """A new random permutation of ``range(n)`` on every pass, as a ``DistributedSampler`` gives.
+
+    The same as a training run's ``DistributedSampler`` with ``set_epoch``: pass ``k`` is
+    ``torch.randperm(n)`` seeded with ``seed + k``, so the k-th epoch of every loader built with the same
+    ``seed`` reads the same order (the comparison stays fair) while no loader reads the same batches twice in
+    a row. Lives in the main process (the DataLoader iterates it there), so the pass counter is this loader's
+    own.
+    """
 
     def __init__(self, n: int, seed: int):
         self.n, self.seed, self.passes = n, seed, 0
@@ -167,6 +170,7 @@ class Candidate:
         self.result.startup_s = time.perf_counter() - self._t0
 
     def finish_warmup(self) -> None:
+        """Run the rest of the first (untimed) pass and record the warm-up time."""
         for _ in self._it:
             pass
         self._it = None
@@ -188,10 +192,12 @@ class Candidate:
         return sum(map(len, batches)), seconds
 
     def epoch(self, cold: bool = False) -> tuple[int, float]:
-        """One timed epoch: (images, seconds). Records its rate, the peak RSS of the main process and of
-        each worker, and, if it is the best round so far, the CPU time per image of each. ``cold``: this
-        loader's files are evicted from the page cache first (outside the timing), and the figures go to
-        the ``cold_`` fields."""
+        """One timed epoch: (images, seconds).
+
+        Records its rate, the peak RSS of the main process and of each worker, and, if it is the best round so
+        far, the CPU time per image of each. ``cold``: this loader's files are evicted from the page cache
+        first (outside the timing), and the figures go to the ``cold_`` fields.
+        """
         if cold:
             evict(self.paths)
         prefix = "cold_" if cold else ""
@@ -234,10 +240,12 @@ class Candidate:
 
     def worker_pids(self) -> list[int]:
         # DataLoader keeps its worker processes in a private attribute of its iterator; read here only
+        """The pids of the DataLoader's worker processes now running."""
         it = getattr(self.loader, "_iterator", None)
         return [w.pid for w in getattr(it, "_workers", []) if w.pid]
 
     def close(self) -> None:
+        """Shut the workers down and drop the loader."""
         it = getattr(self.loader, "_iterator", None)
         if it is not None and hasattr(it, "_shutdown_workers"):
             it._shutdown_workers()
@@ -245,8 +253,11 @@ class Candidate:
 
 
 class DecodeBound(Candidate):
-    """Decode + resize of in-memory files in a plain loop, one torch thread; the rate is scaled by the
-    number of workers (so no CPU time per image is recorded: it would be divided by images not decoded)."""
+    """Decode + resize of in-memory files in a plain loop, one torch thread.
+
+    The rate is scaled by the number of workers (so no CPU time per image is recorded: it would be divided by
+    images not decoded).
+    """
 
     measures_cpu = False
 
@@ -284,9 +295,11 @@ class DecodeBound(Candidate):
             torch.set_num_threads(threads)
 
     def start(self) -> None:
+        """Nothing to start: the start-up time is 0."""
         self.result.startup_s = 0.0
 
     def finish_warmup(self) -> None:
+        """Time one pass over ``count`` images; then size ``count`` to last about ``seconds``."""
         seconds = self._loop(self.count)
         self.result.warmup_s = seconds
         rate = self.count / max(seconds, 1e-9)
@@ -296,9 +309,11 @@ class DecodeBound(Candidate):
         return self.count * self.scale, self._loop(self.count)
 
     def worker_pids(self) -> list[int]:
+        """None: the decode runs in this process."""
         return []
 
     def close(self) -> None:
+        """Drop the in-memory files."""
         self.blobs = []
 
 
@@ -317,9 +332,11 @@ def build_candidate(
     seed: int = 0,
     peer_dirs: dict[str, str] | None = None,
 ) -> Candidate:
-    """The loader ``key`` of :data:`LOADERS` over ``folder`` / ``uri`` / ``hf``, reading ``order`` in its
-    first pass and a new permutation in each later one (:class:`EpochPermutations`; the block sampler and
-    the peers shuffle in their own way)."""
+    """The loader ``key`` of :data:`LOADERS` over ``folder`` / ``uri`` / ``hf``.
+
+    It reads ``order`` in its first pass and a new permutation in each later one (:class:`EpochPermutations`;
+    the block sampler and the peers shuffle in their own way).
+    """
     perms = EpochPermutations(len(order), seed)  # pass 0 is torch.randperm seeded with `seed`: `order`
     common: dict[str, Any] = dict(batch_size=batch_size, sampler=perms, num_workers=workers, pin_memory=False)
     if workers > 0:

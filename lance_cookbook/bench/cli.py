@@ -37,6 +37,7 @@ def _loader_list(text: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m lance_cookbook.bench``."""
     p = argparse.ArgumentParser(
         prog="python -m lance_cookbook.bench",
         description="Images/s of PyTorch loaders over the same images: image folder vs HF datasets vs Lance.",
@@ -129,8 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the benchmark with the command line ``argv``; print the table. Returns the exit status (2: bad
-    arguments)."""
+    """Run the benchmark with the command line ``argv``; print the table.
+
+    Returns the exit status (2: bad arguments).
+    """
     args = build_parser().parse_args(argv)
     if args.workers is None:
         args.workers = default_workers()

@@ -52,8 +52,9 @@ def _peak_rss(cmd: list[str]) -> tuple[subprocess.CompletedProcess, int]:
 def convert_in_child(
     folder: str, output: str, *, progress: bool, shuffle: int | None = None
 ) -> dict[str, Any]:
-    """Convert the image folder ``folder`` into the Lance dataset ``output`` (replacing it) with the
-    conversion's command line; ``shuffle``: write the rows in the random order of this seed
+    """Convert the image folder ``folder`` into the Lance dataset ``output`` (replacing it).
+
+    Runs the conversion's command line. ``shuffle``: write the rows in the random order of this seed
     (``--shuffle SEED``, what ``BlockShuffleSampler`` needs for batches of mixed classes), else in
     ``ImageFolder`` order.
 

@@ -1,5 +1,6 @@
-"""Loader (n): Lance's own iterable ``lance.torch.data.LanceDataset`` with its fragment sampler, read with
-(g)'s collate.
+"""Loader (n): Lance's own iterable ``lance.torch.data.LanceDataset`` with its fragment sampler.
+
+Read with (g)'s collate.
 
 How pylance 14.0.2 splits the rows (``lance/torch/data.py``, ``lance/sampler.py``; the usage is
 https://lancedb.github.io/lance/integrations/pytorch/):
@@ -41,9 +42,10 @@ __all__ = ["RecordBatchCollate", "iterable_loader"]
 
 
 class RecordBatchCollate:
-    """A ``to_tensor_fn`` for ``LanceDataset``: one ``pyarrow.RecordBatch`` (rows ``{"image": bytes,
-    "label": int}``) to ``collate(batch.to_pylist())``, the same rows (g)'s ``SafeLanceDataset`` gives its
-    collate. Picklable, for spawn and forkserver workers.
+    """A ``to_tensor_fn`` for ``LanceDataset``.
+
+    One ``pyarrow.RecordBatch`` (rows ``{"image": bytes, "label": int}``) to ``collate(batch.to_pylist())``,
+    the same rows (g)'s ``SafeLanceDataset`` gives its collate. Picklable, for spawn and forkserver workers.
 
     ``LanceDataset`` also passes ``hf_converter`` and ``use_blob_api`` keywords; they are ignored (no
     Hugging Face metadata, no blob columns here). Returns what ``collate`` returns (:class:`Batch` of
@@ -54,12 +56,14 @@ class RecordBatchCollate:
         self.collate = collate
 
     def __call__(self, batch: Any, **_: Any) -> Batch:
+        """Collate one ``pyarrow.RecordBatch`` through its rows as dicts."""
         return self.collate(batch.to_pylist())
 
 
 def iterable_loader(uri: str, collate: ImageCollate, *, batch_size: int, workers: int) -> DataLoader:
-    """A ``DataLoader`` over ``LanceDataset(uri)`` with Lance's defaults (fragment sharding over the
-    workers, ``batch_readahead=16``), reading only ``collate.columns``.
+    """A ``DataLoader`` over ``LanceDataset(uri)`` with Lance's defaults, reading only ``collate.columns``.
+
+    Lance's defaults: fragment sharding over the workers, ``batch_readahead=16``.
 
     Batches of at most ``batch_size`` rows (shorter at the end of a worker's fragments); ``workers`` > 0
     start from the same fork server as ``make_loader``'s (``spawn`` where the platform has none; never

@@ -91,32 +91,40 @@ def open_table(uri: str) -> Any:
 
 
 class DecodedRows:
-    """A ``StreamingDataset`` ``transform``: one ``pyarrow.RecordBatch`` of rows ``{"image", "label"}`` ->
-    one ``(image [3, S, S], label)`` per row, decoded by ``collate`` as a batch (the recipe's decode, in
-    LanceDB's transform threads)."""
+    """A ``StreamingDataset`` ``transform``.
+
+    One ``pyarrow.RecordBatch`` of rows ``{"image", "label"}`` -> one ``(image [3, S, S], label)`` per row,
+    decoded by ``collate`` as a batch (the recipe's decode, in LanceDB's transform threads).
+    """
 
     def __init__(self, collate: ImageCollate):
         self.collate = collate
 
     def __call__(self, batch: Any) -> list[tuple[torch.Tensor, int]]:
+        """Decode one ``pyarrow.RecordBatch`` into a list of ``(image, label)`` pairs."""
         images, labels = self.collate(batch.to_pylist())
         return list(zip(images, labels.tolist(), strict=True))
 
 
 class StackRows:
-    """The ``collate_fn`` after :class:`DecodedRows`: rows ``(image, label)`` -> ``(images [B, 3, S, S],
-    labels int64 [B])``, what :class:`ImageCollate` returns."""
+    """The ``collate_fn`` after :class:`DecodedRows`.
+
+    Rows ``(image, label)`` -> ``(images [B, 3, S, S], labels int64 [B])``, what :class:`ImageCollate`
+    returns.
+    """
 
     def __call__(self, rows: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stack rows into ``(images, labels)``; labels as an int64 tensor."""
         images, labels = zip(*rows, strict=True)
         return torch.stack(images), torch.tensor(labels, dtype=torch.int64)
 
 
 class EpochStreamingLoader:
-    """A new ``StreamingDataset(epoch=E)`` and ``StreamingDataLoader`` for every pass: the loop a training
-    run writes around LanceDB's loader (it refuses ``persistent_workers``, and one dataset object yields
-    its rows once). ``set_epoch(E)`` picks the next pass's epoch, as a sampler's does; without it each
-    pass takes the next epoch.
+    """A new ``StreamingDataset(epoch=E)`` and ``StreamingDataLoader`` for every pass.
+
+    The loop a training run writes around LanceDB's loader (it refuses ``persistent_workers``, and one dataset
+    object yields its rows once). ``set_epoch(E)`` picks the next pass's epoch, as a sampler's does; without
+    it each pass takes the next epoch.
 
     ``_iterator`` is the current pass's iterator while it runs (and with it its workers); ``num_workers`` and
     ``multiprocessing_context`` are the loader's, so the benchmark finds and measures the workers.
@@ -142,6 +150,7 @@ class EpochStreamingLoader:
         self._iterator: Any = None
 
     def set_epoch(self, epoch: int) -> None:
+        """Read epoch ``epoch`` on the next pass."""
         self.epoch = epoch
 
     def __iter__(self):
@@ -176,7 +185,9 @@ def build_lancedb(
     key: str, uri: str, *, size: int, batch_size: int, workers: int, sampler: Sampler[int], seed: int = 0
 ) -> tuple[Any, str]:
     """The loader of LanceDB key ``key`` over the Lance dataset ``uri`` and a note of its settings.
-    ``sampler`` orders (q)'s ``DataLoader`` (the benchmark's per-pass random order)."""
+
+    ``sampler`` orders (q)'s ``DataLoader`` (the benchmark's per-pass random order).
+    """
     collate = ImageCollate(size, decoder="torchvision", dtype=torch.uint8)
     table = open_table(uri)
     if key == "lancedb_permutation":

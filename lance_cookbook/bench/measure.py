@@ -23,8 +23,10 @@ def _process(pid: int | None) -> psutil.Process:
 
 
 def cpu_seconds(pid: int | None = None) -> float | None:
-    """User + system CPU seconds of process ``pid`` (default: this one), all its threads; ``None`` if it is
-    gone or may not be read."""
+    """User + system CPU seconds of process ``pid`` (default: this one), all its threads.
+
+    ``None`` if it is gone or may not be read.
+    """
     try:
         times = _process(pid).cpu_times()
     except (psutil.NoSuchProcess, psutil.AccessDenied):
@@ -33,8 +35,10 @@ def cpu_seconds(pid: int | None = None) -> float | None:
 
 
 def rss_bytes(pid: int | None = None) -> int | None:
-    """Resident set size in bytes of process ``pid`` (default: this one); ``None`` if it is gone or may not
-    be read."""
+    """Resident set size in bytes of process ``pid`` (default: this one).
+
+    ``None`` if it is gone or may not be read.
+    """
     try:
         return _process(pid).memory_info().rss
     except (psutil.NoSuchProcess, psutil.AccessDenied):
@@ -67,6 +71,7 @@ class PeakRSS:
         self._thread: threading.Thread | None = None
 
     def sample(self) -> None:
+        """Take one RSS sample of every watched process and keep each one's peak."""
         for pid in self._pids():
             rss = rss_bytes(pid)
             if rss is not None and rss > self.peaks.get(pid, 0):

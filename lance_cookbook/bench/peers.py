@@ -62,8 +62,10 @@ def litdata_row(item: tuple[str, int]) -> dict[str, Any]:
 
 
 def _samples(folder: str, seed: int) -> list[tuple[str, int]]:
-    """The image folder's (path, label) pairs in the benchmark's shuffled order: shards written in class
-    order would give shard-local shuffles batches of one class."""
+    """The image folder's (path, label) pairs in the benchmark's shuffled order.
+
+    Shards written in class order would give shard-local shuffles batches of one class.
+    """
     import torch
     from torchvision.datasets import ImageFolder
 
@@ -119,8 +121,10 @@ def _write(kind: str, folder: str, out: str, seed: int) -> dict[str, Any]:
 
 
 def write_in_child(kind: str, folder: str, out: str, seed: int) -> dict[str, Any]:
-    """Write ``folder`` into ``out`` in format ``kind``, in a fresh process; its figures (rows, seconds,
-    images/s, the writer's settings, peak RSS of that process in bytes)."""
+    """Write ``folder`` into ``out`` in format ``kind``, in a fresh process.
+
+    Returns its figures (rows, seconds, images/s, the writer's settings, peak RSS of that process in bytes).
+    """
     from ..processes import end_with_parent
 
     cmd = [sys.executable, os.path.abspath(__file__), "write", kind, folder, out, str(seed)]
@@ -136,8 +140,10 @@ def write_in_child(kind: str, folder: str, out: str, seed: int) -> dict[str, Any
 def build_peer(
     key: str, data: str, *, size: int, batch_size: int, workers: int, seed: int = 0
 ) -> tuple[Any, list[str], str]:
-    """The loader of peer ``key`` over ``data`` (what :func:`write_in_child` wrote): (loader, the paths its
-    cold regime evicts, a note of its settings)."""
+    """The loader of peer ``key`` over ``data`` (what :func:`write_in_child` wrote).
+
+    Returns (loader, the paths its cold regime evicts, a note of its settings).
+    """
     import torch
     from torch.utils.data import DataLoader
 

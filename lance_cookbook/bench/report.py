@@ -31,8 +31,11 @@ SHUFFLE_TOLERANCE = 0.05
 
 
 def _shuffles_as_well(peer: dict[str, Any], ours: dict[str, Any]) -> bool:
-    """Whether ``peer`` mixes labels into batches at least as well as ``ours`` and repeats no more of its
-    batches from one epoch to the next (a figure missing on either side is not held against the peer)."""
+    """Whether ``peer`` mixes labels and avoids repeated batches at least as well as ``ours``.
+
+    It must mix labels into batches at least as well as ``ours`` and repeat no more of its batches from one
+    epoch to the next. A figure missing on either side is not held against the peer.
+    """
     mix_p, mix_o = peer.get("batch_label_entropy_vs_random"), ours.get("batch_label_entropy_vs_random")
     rep_p, rep_o = peer.get("repeated_batches"), ours.get("repeated_batches")
     mixes = mix_p is None or mix_o is None or mix_p >= mix_o - SHUFFLE_TOLERANCE
@@ -50,8 +53,10 @@ def _ratios(rate: dict[str, float], prefix: str = "") -> dict[str, float]:
 
 
 def ratios_and_targets(report: dict[str, Any]) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Ratios of images/s between loaders, and the targets the recipe aims at (met or not). Cold-cache
-    ratios (``--cache cold|both``) are keyed ``"cold " + name``."""
+    """Ratios of images/s between loaders, and the targets the recipe aims at (met or not).
+
+    Cold-cache ratios (``--cache cold|both``) are keyed ``"cold " + name``.
+    """
     loaders = report.get("loaders", {})
     rate = {k: v["images_per_s"] for k, v in loaders.items()}
     cold = {k: v.get("cold_images_per_s") or 0.0 for k, v in loaders.items()}
@@ -134,9 +139,11 @@ def _columns(loaders: dict[str, dict[str, Any]]) -> list[Column]:
 
 
 def format_table(report: dict[str, Any]) -> str:
-    """The report as the table ``python -m lance_cookbook.bench`` prints: only what the run measured (a
-    column no loader has a figure for, a target whose loaders did not run, are left out; ``-`` marks a
-    figure that does not apply to one loader, such as a decode bound's start-up)."""
+    """The report as the table ``python -m lance_cookbook.bench`` prints.
+
+    Only what the run measured (a column no loader has a figure for, a target whose loaders did not run, are
+    left out; ``-`` marks a figure that does not apply to one loader, such as a decode bound's start-up).
+    """
     cfg, stats = report["config"], report["imagefolder"]
     sizes = ", ".join(f"{w}x{h}" for w, h in stats["sample_sizes"][:3])
     loaders = report.get("loaders", {})
@@ -246,8 +253,10 @@ def _cache_note(cache: str) -> str:
 
 
 def _plot_series(loaders: list[dict[str, Any]]) -> list[tuple[str, list[float], float]]:
-    """(regime, images/s of each loader, bar alpha) for each regime some loader was measured in: warm,
-    then cold (pale); 0.0 where one loader was not."""
+    """(regime, images/s of each loader, bar alpha) for each regime some loader was measured in.
+
+    Warm, then cold (pale); 0.0 where one loader was not.
+    """
     series = [
         ("warm", [r["images_per_s"] or 0.0 for r in loaders], 1.0),
         ("cold", [r.get("cold_images_per_s") or 0.0 for r in loaders], 0.45),
@@ -256,8 +265,10 @@ def _plot_series(loaders: list[dict[str, Any]]) -> list[tuple[str, list[float], 
 
 
 def plot(report: dict[str, Any], path: str) -> None:
-    """A bar chart of each loader's images/s, written to ``path`` (PNG); warm and cold bars side by side
-    where the run measured the cold regime."""
+    """A bar chart of each loader's images/s, written to ``path`` (PNG).
+
+    Warm and cold bars side by side where the run measured the cold regime.
+    """
     import matplotlib
 
     matplotlib.use("Agg")

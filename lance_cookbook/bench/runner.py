@@ -88,8 +88,11 @@ def _images(args: argparse.Namespace, folder: str, progress: bool) -> dict[str, 
 
 
 def _lance(args: argparse.Namespace, folder: str, work: Path, progress: bool) -> tuple[str, Any]:
-    """The Lance dataset to read (an existing ``--lance`` as is, else a conversion of ``folder``, in a
-    fresh process so its peak RSS is its own) and the conversion's figures (``None`` if none ran)."""
+    """The Lance dataset to read and the conversion's figures (``None`` if none ran).
+
+    An existing ``--lance`` is read as is, else ``folder`` is converted in a fresh process, so that the
+    conversion's peak RSS is its own.
+    """
     uri = args.lance
     if uri and (Path(uri) / "_versions").is_dir():
         _log(f"using the existing Lance dataset {uri} (no conversion measured)")
@@ -125,9 +128,12 @@ def _warm_up(candidates: list[Candidate], *, concurrent: bool) -> None:
 
 
 def _later_first_batches(candidates: list[Candidate], *, concurrent: bool) -> dict[str, float] | None:
-    """Seconds to the first batch of every forkserver loader started after the first one (which also
-    started the fork server), by loader key in start order; ``None`` when loaders were started at once
-    (``--quick``) or fewer than two use forkserver. The issue-14 target is <= 1 s for a second loader."""
+    """Seconds to the first batch of every forkserver loader started after the first one, by loader key.
+
+    Keys are in start order; the first loader is left out because it also started the fork server. ``None``
+    when loaders were started at once (``--quick``) or fewer than two use forkserver. The issue-14 target is
+    <= 1 s for a second loader.
+    """
     started = [c for c in candidates if c.result.start_method == "forkserver"]
     if concurrent or len(started) < 2:
         return None
@@ -135,9 +141,12 @@ def _later_first_batches(candidates: list[Candidate], *, concurrent: bool) -> di
 
 
 def _timed_rounds(candidates: list[Candidate], rounds: int, progress: bool, cache: str = "warm") -> None:
-    """``rounds`` timed epochs of every loader, interleaved; each keeps its best. ``cache`` "cold" evicts
-    each loader's files before each of its epochs; "both" runs a cold epoch then a warm one (the cold
-    epoch has just read every file back into the page cache, so the warm one follows a full read)."""
+    """``rounds`` timed epochs of every loader, interleaved; each keeps its best.
+
+    ``cache`` "cold" evicts each loader's files before each of its epochs; "both" runs a cold epoch then a
+    warm one (the cold epoch has just read every file back into the page cache, so the warm one follows a full
+    read).
+    """
     from tqdm.auto import tqdm
 
     regimes = {"warm": [False], "cold": [True], "both": [True, False]}[cache]
@@ -159,8 +168,10 @@ def _timed_rounds(candidates: list[Candidate], rounds: int, progress: bool, cach
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """The whole benchmark, with the options of ``python -m lance_cookbook.bench`` in ``args``; returns
-    what ``--json`` writes."""
+    """The whole benchmark, with the options of ``python -m lance_cookbook.bench`` in ``args``.
+
+    Returns what ``--json`` writes.
+    """
     progress = not args.no_progress
     folder = os.path.abspath(args.imagefolder)
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="lance-bench-"))

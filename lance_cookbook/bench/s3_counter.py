@@ -1,7 +1,8 @@
-"""Counting at the S3 server: every request a WSGI application serves (:class:`TrafficCounter`), the
-traffic of one epoch summarized per image (:func:`summarize`) and the round trips a client waited for one
-after another (:func:`serial_round_trips`). Used by :mod:`.s3_traffic`; method in
-``docs/object_storage_traffic.md``.
+"""Counting at the S3 server.
+
+Every request a WSGI application serves (:class:`TrafficCounter`), the traffic of one epoch summarized per
+image (:func:`summarize`) and the round trips a client waited for one after another
+(:func:`serial_round_trips`). Used by :mod:`.s3_traffic`; method in ``docs/object_storage_traffic.md``.
 """
 
 from __future__ import annotations
@@ -17,9 +18,12 @@ __all__ = ["Request", "TrafficCounter", "serial_round_trips", "summarize"]
 
 @dataclass(frozen=True)
 class Request:
-    """One HTTP request as the server saw it. ``path`` is ``/bucket/key`` (``/bucket`` for a listing),
-    ``range`` the ``Range`` header (``None``: the whole object), ``body_bytes`` the response body bytes
-    the server sent (0 for HEAD), ``start``/``end`` ``time.perf_counter()`` seconds."""
+    """One HTTP request as the server saw it.
+
+    ``path`` is ``/bucket/key`` (``/bucket`` for a listing), ``range`` the ``Range`` header (``None``: the
+    whole object), ``body_bytes`` the response body bytes the server sent (0 for HEAD), ``start``/``end``
+    ``time.perf_counter()`` seconds.
+    """
 
     method: str
     path: str
@@ -54,6 +58,7 @@ class TrafficCounter:
         return self
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        """Serve one WSGI request through the wrapped app and count it (after ``delay_s``)."""
         if self._app is None:
             raise RuntimeError("TrafficCounter.wrap(app) was not called")
         start = time.perf_counter()
@@ -115,8 +120,11 @@ class TrafficCounter:
             finish()
 
     def settle(self, timeout_s: float = 10.0) -> None:
-        """Wait until no request is being served (the server records a request after its response has
-        gone out, so a client can see a reply before it is counted). Raises ``TimeoutError``."""
+        """Wait until no request is being served.
+
+        The server records a request after its response has gone out, so a client can see a reply before it is
+        counted. Raises ``TimeoutError``.
+        """
         deadline = time.monotonic() + timeout_s
         while True:
             with self._lock:
@@ -182,14 +190,15 @@ def summarize(requests: list[Request], images: int, is_data: Callable[[str], boo
 
 
 def serial_round_trips(requests: list[Request]) -> int:
-    """The longest chain of requests in which each one started after the previous one had ended: the
-    number of round trips a client waited for one after another (requests it had in flight together count
-    once). With a delay added to every request at the server (``TrafficCounter.delay_s``) concurrent
-    requests overlap, and this is the loader's latency exposure, provided the delay exceeds the time the
-    server takes to start all the requests a client sent together: a request started later than that
-    looks like one sent after the others answered. Measured with moto: 50 ms was too short for Lance's
-    ~53 concurrent reads per batch (2.2 round trips per batch), 300 ms was not (1.0;
-    ``docs/object_storage_traffic.md``). O(n log n)."""
+    """The longest chain of requests in which each one started after the previous one had ended.
+
+    The number of round trips a client waited for one after another (requests it had in flight together count
+    once). With a delay added to every request at the server (``TrafficCounter.delay_s``) concurrent requests
+    overlap, and this is the loader's latency exposure, provided the delay exceeds the time the server takes
+    to start all the requests a client sent together: a request started later than that looks like one sent
+    after the others answered. Measured with moto: 50 ms was too short for Lance's ~53 concurrent reads per
+    batch (2.2 round trips per batch), 300 ms was not (1.0; ``docs/object_storage_traffic.md``). O(n log n).
+    """
     by_start = sorted(requests, key=lambda r: r.start)
     by_end = sorted(requests, key=lambda r: r.end)
     depth: dict[int, int] = {}

@@ -48,6 +48,7 @@ class Store:
 
     @property
     def endpoint(self) -> str:
+        """The server's URL (``aws_endpoint`` of ``options``)."""
         return self.options["aws_endpoint"]
 
     def boto3_kwargs(self) -> dict[str, str]:
@@ -60,6 +61,7 @@ class Store:
         }
 
     def client(self) -> Any:
+        """A boto3 S3 client for the server."""
         import boto3
 
         return boto3.client("s3", **self.boto3_kwargs())
@@ -67,8 +69,11 @@ class Store:
 
 @dataclass
 class Context:
-    """What every reader shares: the number of images, the collate's size, batch size, seed, a work
-    directory for download caches, and the local copy of each uploaded source."""
+    """What every reader shares.
+
+    The number of images, the collate's size, batch size, seed, a work directory for download caches, and the
+    local copy of each uploaded source.
+    """
 
     images: int
     image_size: int
@@ -78,6 +83,7 @@ class Context:
     local: dict[str, str] = field(default_factory=dict)
 
     def collate(self) -> Any:
+        """A new ``ImageCollate`` of ``image_size`` decoding with torchvision to uint8."""
         import torch
 
         from ..recipe.collate import ImageCollate
@@ -89,8 +95,11 @@ class Context:
         return tempfile.mkdtemp(prefix=name + "-", dir=self.work)
 
     def order(self, n: int) -> list[int]:
-        """The seeded random permutation of ``range(n)``: the first pass of the loader benchmark's
-        :class:`.candidates.EpochPermutations`, the order its loaders read first."""
+        """The seeded random permutation of ``range(n)``.
+
+        The first pass of the loader benchmark's :class:`.candidates.EpochPermutations`, the order its loaders
+        read first.
+        """
         from .candidates import EpochPermutations
 
         return list(EpochPermutations(n, self.seed))
@@ -98,11 +107,13 @@ class Context:
 
 @dataclass(frozen=True)
 class Format:
-    """A way to read images from the store: ``open(store, ctx)`` does what the library does before the
-    first batch (listing, opening, index downloads) and returns an iterable of ``(images, labels)``
-    batches; ``data_suffix`` marks the objects that hold images (requests to them are per image);
-    ``setup(store)``, a context manager, holds whatever the library needs around the read (its endpoint
-    in environment variables)."""
+    """A way to read images from the store.
+
+    ``open(store, ctx)`` does what the library does before the first batch (listing, opening, index downloads)
+    and returns an iterable of ``(images, labels)`` batches; ``data_suffix`` marks the objects that hold
+    images (requests to them are per image); ``setup(store)``, a context manager, holds whatever the library
+    needs around the read (its endpoint in environment variables).
+    """
 
     key: str
     label: str
@@ -117,9 +128,11 @@ class Format:
     downloads_ahead: bool = False
 
     def is_data(self, path: str) -> bool:
+        """Whether the object at ``path`` holds images (its name ends with ``data_suffix``)."""
         return path.endswith(self.data_suffix)
 
     def environment(self, store: Store) -> AbstractContextManager[None]:
+        """``setup(store)``, or a context manager that does nothing without ``setup``."""
         return self.setup(store) if self.setup else nullcontext()
 
 
@@ -127,9 +140,12 @@ class Format:
 
 
 def prepare(sources: Iterable[str], folder: str, lance_path: str, work: str, seed: int) -> dict[str, str]:
-    """The local directory of each source: the folder, the Lance dataset, and each peer written by
-    :func:`.peers.write_in_child` into ``work/<peer>`` (in the benchmark's shuffled order ``seed``).
-    Raises ``FileNotFoundError`` for a missing folder or dataset, ``RuntimeError`` if a writer fails."""
+    """The local directory of each source.
+
+    The folder, the Lance dataset, and each peer written by :func:`.peers.write_in_child` into ``work/<peer>``
+    (in the benchmark's shuffled order ``seed``). Raises ``FileNotFoundError`` for a missing folder or
+    dataset, ``RuntimeError`` if a writer fails.
+    """
     from .peers import write_in_child
 
     for path in (folder, lance_path):
@@ -260,9 +276,12 @@ def _open_streaming(store: Store, ctx: Context) -> Iterable[Any]:
 
 @contextmanager
 def _litdata_http(store: Store) -> Iterator[None]:
-    """LitData fetches chunks through obstore with client options of its own that lack ``allow_http``, so a
-    plain-http endpoint fails ("HTTP error: builder error", as in obstore#159); AWS itself is https and
-    needs nothing. For a local server only, those options allow http while LitData reads."""
+    """Let LitData reach a plain-http endpoint while it reads (for a local server only).
+
+    LitData fetches chunks through obstore with client options of its own that lack ``allow_http``, so a
+    plain-http endpoint fails ("HTTP error: builder error", as in obstore#159); AWS itself is https and needs
+    nothing. For a local server only, those options allow http while LitData reads.
+    """
     from litdata.streaming import downloader
 
     options = downloader._OBSTORE_CLIENT_OPTIONS

@@ -1,5 +1,6 @@
-"""Requests and bytes per image that each format costs when an epoch is read from object storage, counted at
-the server, and a model of images/s per worker at a given request latency.
+"""Requests and bytes per image that each format costs when an epoch is read from object storage.
+
+The traffic is counted at the server; a model turns it into images/s per worker at a given request latency.
 
 ``python -m lance_cookbook.bench.s3_traffic --imagefolder DIR --lance PATH`` uploads the same images in each
 format (:mod:`.s3_formats`) to moto's S3 server running in this process
@@ -57,11 +58,12 @@ def images_per_s(
     *,
     overlapped: bool = False,
 ) -> float:
-    """The model: images/s of one worker that waits ``latency_s`` for each of ``requests_per_image``
-    round trips, receives ``bytes_per_image`` at ``bandwidth_bytes_per_s`` and spends ``cpu_us_per_image``
-    on each image: ``1 / (r * latency + b / bandwidth + cpu)``; with ``overlapped``, a loader whose
-    downloads run ahead of its CPU work in threads or processes of their own: ``1 / max(r * latency + b /
-    bandwidth, cpu)``.
+    """The model of images/s of one worker at a given request latency.
+
+    Images/s of one worker that waits ``latency_s`` for each of ``requests_per_image`` round trips, receives
+    ``bytes_per_image`` at ``bandwidth_bytes_per_s`` and spends ``cpu_us_per_image`` on each image: ``1 / (r *
+    latency + b / bandwidth + cpu)``; with ``overlapped``, a loader whose downloads run ahead of its CPU work
+    in threads or processes of their own: ``1 / max(r * latency + b / bandwidth, cpu)``.
 
     A model, not a measurement. ``requests_per_image`` counts requests waited for one after another: the
     requests per image for the sequential bound, the measured serial round trips per image
@@ -80,8 +82,10 @@ def images_per_s(
 
 
 def _read(fmt: Any, store: Any, ctx: Any, counter: TrafficCounter) -> tuple[int, float, int, list[Request]]:
-    """One epoch of ``fmt``: (images, wall seconds, requests made while opening, all requests), counted
-    from a fresh reset."""
+    """One epoch of ``fmt``, counted from a fresh reset.
+
+    Returns (images, wall seconds, requests made while opening, all requests).
+    """
     counter.reset()
     start = time.perf_counter()
     with fmt.environment(store):
@@ -93,10 +97,12 @@ def _read(fmt: Any, store: Any, ctx: Any, counter: TrafficCounter) -> tuple[int,
 
 
 def measure(fmt: Any, store: Any, ctx: Any, counter: TrafficCounter, delay_s: float = 0.0) -> dict[str, Any]:
-    """Read one epoch of ``fmt`` (a :class:`.s3_formats.Format`) and summarize its traffic; with ``delay_s``
-    read it once more with that delay added to every request and add its serial round trips (the epoch's,
-    and per image: ``exposure_per_image``). Raises ``RuntimeError`` if
-    the epoch did not deliver every image exactly once."""
+    """Read one epoch of ``fmt`` (a :class:`.s3_formats.Format`) and summarize its traffic.
+
+    With ``delay_s`` read it once more with that delay added to every request and add its serial round trips
+    (the epoch's, and per image: ``exposure_per_image``). Raises ``RuntimeError`` if the epoch did not deliver
+    every image exactly once.
+    """
     for module in fmt.modules:
         importlib.import_module(module)
     counter.delay_s = 0.0
@@ -124,10 +130,12 @@ def measure(fmt: Any, store: Any, ctx: Any, counter: TrafficCounter, delay_s: fl
 def model_rates(
     result: dict[str, Any], cpu_us: float, latencies_s: list[float], bandwidth: float, downloads_ahead: bool
 ) -> None:
-    """Add the model's images/s to ``result`` in place: ``seq_<ms>ms``, the sequential bound (every
-    request of every image waited for, one after another, then the CPU work) and, where serial round trips
-    were measured, ``conc_<ms>ms``, the concurrent bound (only those round trips waited for; overlapped
-    with the CPU work when the format ``downloads_ahead``)."""
+    """Add the model's images/s to ``result`` in place.
+
+    ``seq_<ms>ms``, the sequential bound (every request of every image waited for, one after another, then the
+    CPU work) and, where serial round trips were measured, ``conc_<ms>ms``, the concurrent bound (only those
+    round trips waited for; overlapped with the CPU work when the format ``downloads_ahead``).
+    """
     result["cpu_us_per_image"] = cpu_us
     for lat in latencies_s:
         ms = round(lat * 1000)
@@ -269,8 +277,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def remodel(report: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    """``report`` (a saved ``--json``) with the model recomputed for ``args``' latencies, bandwidth and CPU
-    profile: the counts do not depend on them."""
+    """``report`` (a saved ``--json``) with the model recomputed for ``args``.
+
+    The model is recomputed for ``args``' latencies, bandwidth and CPU profile: the counts do not depend on
+    them.
+    """
     from .s3_formats import FORMATS
 
     profile = args.cpu_profile or ("32px" if report["image_size"] <= 64 else "photos")
@@ -285,6 +296,7 @@ def remodel(report: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the traffic benchmark (or remodel a ``--json``) on ``argv``; return the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.from_json:

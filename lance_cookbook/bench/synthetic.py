@@ -33,6 +33,8 @@ __all__ = ["generate_imagefolder", "parse_size", "GeneratedFolder"]
 
 @dataclass
 class GeneratedFolder:
+    """What :func:`generate_imagefolder` wrote: root, images, classes, size, JPEG bytes, seconds."""
+
     root: str
     count: int
     classes: int
@@ -68,8 +70,10 @@ _LOG_ASPECT = math.log(1.25)
 
 @lru_cache(maxsize=8)
 def _sources(size: tuple[int, int]) -> tuple[Image.Image, ...]:
-    """The two sample photos, shrunk once so that the smallest crop is still about 2x the output size:
-    resizing a crop is then cheap even when making 32x32 images."""
+    """The two sample photos, shrunk once so that the smallest crop is still about 2x the output size.
+
+    Resizing a crop is then cheap even when making 32x32 images.
+    """
     from sklearn.datasets import load_sample_images
 
     photos = [Image.fromarray(a) for a in load_sample_images().images]

@@ -1,2 +1,5 @@
-"""Helpers the chapters use to show things: image grids and plots (``viz``), commands run with their
-output streamed into the notebook (``commands``). Not part of the recipe."""
+"""Helpers the chapters use to show things.
+
+Image grids and plots (``viz``), commands run with their output streamed into the notebook (``commands``). Not
+part of the recipe.
+"""

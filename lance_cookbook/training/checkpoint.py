@@ -1,5 +1,8 @@
-"""Training checkpoints: atomic writes to a local folder or an ``s3://`` prefix, the newest loadable one found
-again, older ones pruned."""
+"""Training checkpoints.
+
+Atomic writes to a local folder or an ``s3://`` prefix, the newest loadable one found again, older ones
+pruned.
+"""
 
 from __future__ import annotations
 
@@ -56,8 +59,10 @@ _S3_OPTIONS = {
 
 
 class CheckpointError(RuntimeError):
-    """Checkpoints that exist but cannot be resumed from, or a checkpoint location that cannot be used; the
-    message names the files or the location and says why."""
+    """Checkpoints that exist but cannot be resumed from, or a checkpoint location that cannot be used.
+
+    The message names the files or the location and says why.
+    """
 
 
 def remote_filesystem(location: str | os.PathLike, storage_options: dict[str, str] | None = None):
@@ -102,9 +107,11 @@ def remote_filesystem(location: str | os.PathLike, storage_options: dict[str, st
 
 
 def check_location(location: str | os.PathLike, storage_options: dict[str, str] | None = None) -> None:
-    """Raise :class:`CheckpointError` now, before training, if checkpoints or metrics cannot go to
-    ``location``: an unsupported URI scheme, or an ``s3://`` bucket that does not exist or cannot be
-    reached with ``storage_options``. A local path is always accepted (its folders are created)."""
+    """Raise :class:`CheckpointError` before training if checkpoints or metrics cannot go to ``location``.
+
+    Raised now, before training, for an unsupported URI scheme, or an ``s3://`` bucket that does not exist or
+    cannot be reached with ``storage_options``. A local path is always accepted (its folders are created).
+    """
     remote = remote_filesystem(location, storage_options)
     if remote is None:
         return
@@ -141,9 +148,11 @@ def checkpoint_name(epoch: int, consumed: int) -> str:
 def list_checkpoints(
     directory: str | os.PathLike, *, storage_options: dict[str, str] | None = None
 ) -> list[Path] | list[str]:
-    """The checkpoints in ``directory`` (a local folder, ``Path`` items; or an ``s3://`` prefix, URI
-    strings), newest (furthest in training) first; temporary files are not listed. A missing directory
-    has none."""
+    """The checkpoints in ``directory``, newest (furthest in training) first.
+
+    ``directory`` is a local folder (``Path`` items) or an ``s3://`` prefix (URI strings). Temporary files are
+    not listed. A missing directory has none.
+    """
     remote = remote_filesystem(directory, storage_options)
     if remote is not None:
         from pyarrow import fs
@@ -163,8 +172,9 @@ def write_atomically(
     *,
     storage_options: dict[str, str] | None = None,
 ) -> None:
-    """Call ``write(file)`` to fill ``location`` so that readers see the whole file or the previous one,
-    never half of one.
+    """Call ``write(file)`` to fill ``location`` atomically.
+
+    Readers see the whole file or the previous one, never half of one.
 
     Local: written under a temporary name in the same folder (created if missing), flushed to disk and
     renamed (``os.replace`` is atomic on POSIX file systems); the temporary file is removed on any
@@ -213,8 +223,10 @@ def save_checkpoint(
     keep: int = 2,
     storage_options: dict[str, str] | None = None,
 ) -> Path | str:
-    """Write ``state`` with ``torch.save`` to ``directory/name`` atomically (:func:`write_atomically`), then
-    keep only the ``keep`` newest checkpoints up to this one.
+    """Write ``state`` with ``torch.save`` to ``directory/name`` atomically, then prune old checkpoints.
+
+    The write goes through :func:`write_atomically`; then only the ``keep`` newest checkpoints up to this one
+    are kept.
 
     A crash mid-write leaves a temporary file that :func:`list_checkpoints` ignores, never a truncated
     checkpoint under a checkpoint's name. Keeping one older checkpoint covers a newest one damaged after the
@@ -256,8 +268,9 @@ def load_checkpoint(
     map_location: str | torch.device = "cpu",
     storage_options: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """``torch.load(weights_only=True)`` of a local or ``s3://`` checkpoint, also accepting the NumPy array
-    that checkpoints written before commit f32d649 hold (``NUMPY_RNG_GLOBALS``), never arbitrary pickles.
+    """``torch.load(weights_only=True)`` of a local or ``s3://`` checkpoint, never arbitrary pickles.
+
+    Also accepts the NumPy array that checkpoints written before commit f32d649 hold (``NUMPY_RNG_GLOBALS``).
 
     Raises
     ------

@@ -1,5 +1,8 @@
-"""Process-group plumbing for training: join torchrun's group, sum numbers over ranks, and let rank 0
-decide what every rank reads (dataset versions) before any rank opens it."""
+"""Process-group plumbing for training.
+
+Join torchrun's group, sum numbers over ranks, and let rank 0 decide what every rank reads (dataset versions)
+before any rank opens it.
+"""
 
 from __future__ import annotations
 
@@ -61,6 +64,7 @@ class StopRequest:
         return self.signum is not None
 
     def __call__(self) -> bool:
+        """Whether a stop was requested (:attr:`requested`), so the object works as a callable."""
         return self.requested
 
     def _handle(self, signum: int, frame) -> None:
@@ -68,8 +72,11 @@ class StopRequest:
 
     @contextlib.contextmanager
     def installed(self, signals: tuple[int, ...] = (signal.SIGTERM,)) -> Iterator[StopRequest]:
-        """Handle ``signals`` inside the block and restore the previous handlers after it. Outside the main
-        thread (where Python cannot set handlers) nothing is installed and the signals keep their effect."""
+        """Handle ``signals`` inside the block and restore the previous handlers after it.
+
+        Outside the main thread (where Python cannot set handlers) nothing is installed and the signals keep
+        their effect.
+        """
         if threading.current_thread() is not threading.main_thread():
             yield self
             return
@@ -121,8 +128,9 @@ def all_sum(values: list[float], device: torch.device) -> list[float]:
 def agreed_versions(
     uris: dict[str, str], requested: dict[str, int | None], storage_options: dict | None, rank: int
 ) -> dict[str, int]:
-    """The dataset version each rank reads, decided once by rank 0 and broadcast before any rank opens
-    the data.
+    """The dataset version each rank reads, decided once by rank 0.
+
+    Rank 0's decision is broadcast before any rank opens the data.
 
     Each rank resolving "latest" itself can see a different version when a writer commits while the job
     starts; ranks then disagree on the dataset length, run different numbers of steps and hang in a

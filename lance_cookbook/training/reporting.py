@@ -1,5 +1,8 @@
-"""Training reports: the sums behind an epoch's metrics (:class:`EpochTally`), the opening line, each
-epoch's metrics row (printed, in the metrics JSON, in TensorBoard) and the digest of the sample order."""
+"""Training reports.
+
+The sums behind an epoch's metrics (:class:`EpochTally`), the opening line, each epoch's metrics row (printed,
+in the metrics JSON, in TensorBoard) and the digest of the sample order.
+"""
 
 from __future__ import annotations
 
@@ -65,8 +68,10 @@ class EpochTally:
 
 
 def write_json(path: str | os.PathLike, data: dict, *, storage_options: dict[str, str] | None = None) -> None:
-    """Write ``data`` as strict JSON to ``path`` (a local file or an ``s3://`` URI) atomically: a crash
-    leaves the previous file, never half of one (:func:`lance_cookbook.training.checkpoint.write_atomically`).
+    """Write ``data`` as strict JSON to ``path`` (a local file or an ``s3://`` URI) atomically.
+
+    A crash leaves the previous file, never half of one
+    (:func:`lance_cookbook.training.checkpoint.write_atomically`).
 
     Raises
     ------
@@ -125,8 +130,10 @@ def record_epoch(
     log: Callable,
     storage_options: dict[str, str] | None = None,
 ) -> None:
-    """Append ``row`` to ``metrics``, print it on rank 0 and rewrite ``path`` there (atomically; a local
-    file or an ``s3://`` URI reached with ``storage_options``)."""
+    """Append ``row`` to ``metrics``, print it on rank 0 and rewrite ``path`` there.
+
+    The rewrite is atomic; ``path`` is a local file or an ``s3://`` URI reached with ``storage_options``.
+    """
     metrics["epochs"].append(row)
     log(
         f"epoch {row['epoch']}: loss {row['train_loss']:.4f}, val acc {row['val_accuracy']:.2%} "

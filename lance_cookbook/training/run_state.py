@@ -1,6 +1,9 @@
-"""The resumable state of a training run (:class:`Run`): metrics, epoch, step and sums carried from step
-to step, saved into checkpoints and restored from them, with the random generators; and the ways a run
-stops early (:class:`TrainingDiverged`, :class:`Preempted`, :class:`PeerLost`)."""
+"""The resumable state of a training run (:class:`Run`).
+
+Metrics, epoch, step and sums carried from step to step, saved into checkpoints and restored from them, with
+the random generators; and the ways a run stops early (:class:`TrainingDiverged`, :class:`Preempted`,
+:class:`PeerLost`).
+"""
 
 from __future__ import annotations
 
@@ -78,8 +81,9 @@ def find_checkpoint(
     device: torch.device,
     storage_options: dict[str, str] | None = None,
 ) -> tuple[str | Path | None, dict | None]:
-    """The newest complete checkpoint in ``directory`` (a local folder or an ``s3://`` prefix), chosen by
-    rank 0 and loaded by every rank.
+    """The newest complete checkpoint in ``directory``, chosen by rank 0 and loaded by every rank.
+
+    ``directory`` is a local folder or an ``s3://`` prefix.
 
     Rank 0 alone decides (as for dataset versions), so all ranks resume from the same file even if one
     checkpoint is damaged; each rank then loads it itself, onto its own device.
@@ -116,8 +120,9 @@ def find_checkpoint(
 
 
 def pinned_versions(args: argparse.Namespace, path, state: dict | None) -> dict[str, int] | None:
-    """The dataset versions a resumed run reads: the checkpoint's, so the interrupted epoch's rows stay the
-    same; ``None`` without a checkpoint.
+    """The dataset versions a resumed run reads.
+
+    The checkpoint's, so the interrupted epoch's rows stay the same; ``None`` without a checkpoint.
 
     Raises
     ------
@@ -141,7 +146,7 @@ def pinned_versions(args: argparse.Namespace, path, state: dict | None) -> dict[
 
 
 def rng_state() -> dict:
-    """This process's random number generators (Python, NumPy, torch CPU and CUDA)."""
+    """The random number generators of this process (Python, NumPy, torch CPU and CUDA)."""
     kind, keys, position, has_gauss, gauss = np.random.get_state()
     # plain types only, so the checkpoint loads with torch.load(weights_only=True): no pickled objects
     numpy_state = (kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss)
@@ -273,8 +278,9 @@ class Run:
         self.apply_command_line(optimizer, schedule)
 
     def apply_command_line(self, optimizer, schedule) -> list[str]:
-        """Give a restored optimizer and schedule this command line's ``--lr`` (the one-cycle peak) and
-        ``--weight-decay``, and say so in one line when they differ from the checkpoint's.
+        """Give a restored optimizer and schedule this command line's ``--lr`` and ``--weight-decay``.
+
+        ``--lr`` is the one-cycle peak. Says so in one line when they differ from the checkpoint's.
 
         The checkpoint's values silently won before (t3-ckpt-resume-ignores-lr, pytorch/examples#816). The
         schedule stays at the saved training progress, now with the new peak. These are the only
@@ -311,8 +317,9 @@ class Run:
     def save(
         self, model, optimizer, schedule, sampler, consumed: int, step: int, device
     ) -> str | Path | None:
-        """All ranks: fold the epoch's sums; rank 0 writes the checkpoint and returns its path or URI as a
-        string (others: None).
+        """Fold the epoch's sums on all ranks; rank 0 writes the checkpoint.
+
+        Rank 0 returns its path or URI as a string (others: None).
 
         Raises
         ------
@@ -357,8 +364,10 @@ class Run:
         return self.metrics
 
     def step_done(self, model, optimizer, schedule, sampler, done: int, device) -> None:
-        """After each optimizer step: the ``after_step`` hook, and every ``--checkpoint-every`` steps a
-        checkpoint (then the ``after_checkpoint`` hook).
+        """Run the per-step work after each optimizer step.
+
+        The ``after_step`` hook, and every ``--checkpoint-every`` steps a checkpoint (then the
+        ``after_checkpoint`` hook).
 
         Every rank calls it at the same steps. Mid-epoch checkpoints are saved only while every rank still
         has a batch (a checkpoint is a collective); the epoch's last step is saved as the next epoch's start.

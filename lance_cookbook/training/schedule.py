@@ -10,8 +10,9 @@ __all__ = ["OneCycleSchedule"]
 
 
 class OneCycleSchedule:
-    """One-cycle learning rate (``torch.optim.lr_scheduler.OneCycleLR``'s cosine shape and defaults)
-    read at a point of training **progress** in [0, 1], not at a step count.
+    """One-cycle learning rate read at a point of training **progress** in [0, 1], not at a step count.
+
+    It has ``torch.optim.lr_scheduler.OneCycleLR``'s cosine shape and defaults.
 
     ``OneCycleLR`` counts optimizer steps, and the number of steps per epoch changes when a job restarts
     with another number of processes; progress (``(epoch + samples consumed / epoch size) / epochs``)

@@ -1,5 +1,8 @@
-"""The datasets of a training run: opened at versions all ranks agree on, refused when empty or when their
-labels cannot size a model, and the wrappers that seed each training sample's augmentation."""
+"""The datasets of a training run.
+
+Opened at versions all ranks agree on, refused when empty or when their labels cannot size a model, and the
+wrappers that seed each training sample's augmentation.
+"""
 
 from __future__ import annotations
 
@@ -17,8 +20,10 @@ from .distributed import agreed_versions
 
 
 def require_rows(dataset, role: str) -> None:
-    """Raise :class:`EmptyDataset` naming ``role``, the URI and the version when ``dataset`` has no rows:
-    training on nothing would otherwise report loss 0 and exit 0 with an untrained model."""
+    """Raise :class:`EmptyDataset` naming ``role``, the URI and the version when ``dataset`` has no rows.
+
+    Training on nothing would otherwise report loss 0 and exit 0 with an untrained model.
+    """
     if len(dataset) == 0:
         raise EmptyDataset(
             f"the {role} set {dataset.uri!r} (version {dataset.version}) is empty: it has 0 rows"
@@ -32,13 +37,16 @@ MAX_CLASSES = 100_000
 
 
 class LabelError(ValueError):
-    """A dataset whose ``label_names`` metadata or ``label`` column cannot size a model; the message names the
-    dataset and the fault."""
+    """A dataset whose ``label_names`` metadata or ``label`` column cannot size a model.
+
+    The message names the dataset and the fault.
+    """
 
 
 def checked_label_names(dataset) -> list[str]:
-    """The dataset's stored ``label_names`` (:func:`lance_cookbook.label_names`), refused unless it
-    is a JSON list of at most ``MAX_CLASSES`` strings; ``[]`` when it stores none.
+    """The dataset's stored ``label_names`` (:func:`lance_cookbook.label_names`); ``[]`` when it stores none.
+
+    Refused unless it is a JSON list of at most ``MAX_CLASSES`` strings.
 
     Raises
     ------
@@ -67,9 +75,11 @@ def checked_label_names(dataset) -> list[str]:
 
 
 def count_classes(dataset) -> int:
-    """The number of outputs the model needs for ``dataset``: ``len(label_names)`` when the dataset stores
-    names (classes without rows in this split included), else the largest label + 1; checked against the
-    ``label`` column (read alone, which is cheap in Lance) before any training.
+    """The number of outputs the model needs for ``dataset``.
+
+    ``len(label_names)`` when the dataset stores names (classes without rows in this split included), else the
+    largest label + 1; checked against the ``label`` column (read alone, which is cheap in Lance) before any
+    training.
 
     Parameters
     ----------
@@ -115,8 +125,9 @@ def count_classes(dataset) -> int:
 
 
 def open_datasets(args: argparse.Namespace, rank: int, pinned: dict[str, int] | None = None):
-    """Open ``--train`` and ``--val`` at the versions rank 0 decides (``pinned``: those of the checkpoint
-    being resumed, so the resumed epoch reads the rows it began with); refuse empty ones.
+    """Open ``--train`` and ``--val`` at the versions rank 0 decides; refuse empty ones.
+
+    ``pinned``: those of the checkpoint being resumed, so the resumed epoch reads the rows it began with.
 
     Returns
     -------
