@@ -12,9 +12,9 @@ cluster:
 3. a ``_write_rows`` task per group of consecutive blocks (up to ``rows_per_file`` rows or
    ``fragment_bytes``) calls :func:`lance.fragment.write_fragments` and returns the ``FragmentMetadata``.
 
-Nothing is committed here: :func:`data_prep.convert.convert` commits the fragments, in source order, with
-its one ``LanceDataset.commit`` (``data_prep.write``), so the dataset holds the same rows in the same order
-as with ``--engine local``, and a failure before that commit leaves no new version.
+Nothing is committed here: :func:`data_prep.engine.write_and_commit` commits the fragments, in source
+order, with its one ``LanceDataset.commit`` (``data_prep.write``), so the dataset holds the same rows in the
+same order as with ``--engine local``, and a failure before that commit leaves no new version.
 
 Ray (:func:`connect`): an already-initialised Ray is used as is. Otherwise ``ray.init()`` joins the cluster
 named by ``RAY_ADDRESS`` (``ray start --head`` / a ``RayCluster``), once its address answers, or, without
@@ -31,7 +31,9 @@ import os
 import socket
 import warnings
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import closing
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
@@ -39,8 +41,9 @@ from PIL import Image
 
 from .check import ConversionError, InvalidImage, apply_pil_settings, pil_settings
 from .pool import BATCH_BYTES, batched, checked_records
+from .result import Written
 from .sources import Record
-from .write import SCHEMA, record_invalid
+from .write import SCHEMA
 
 __all__ = ["connect", "write_fragments_ray"]
 
@@ -220,101 +223,152 @@ def write_fragments_ray(
     block_rows: int,
     max_rows: int | None,
     skip_invalid: bool,
-    skipped: list[str],
-    stats: dict,
     progress: Any,
     description: str,
     fragment_bytes: int = FRAGMENT_BYTES,
     max_in_flight: int | None = None,
     connect_timeout_s: float = 60.0,
     block_bytes: int = BATCH_BYTES,
-) -> list:
-    """Check and write ``records`` on Ray; return the ``FragmentMetadata`` list, in source order, uncommitted.
+) -> Written:
+    """Check and write ``records`` on Ray; return what was written (fragments in source order), uncommitted.
 
-    Same contract as the local path of :func:`data_prep.convert.convert`: raises :class:`InvalidImage` for
-    the first invalid record (in source order) unless ``skip_invalid``, which appends it to ``skipped``
-    instead; fills ``stats`` (``image_bytes``, ``labels``: a Counter of rows per label); raises
-    :class:`ConversionError` when no row is valid. At most ``max_in_flight`` blocks (default: twice the
-    cluster's CPUs) are checked at a time, so the driver and the object store hold a bounded part of the
-    source however large it is. Ray is joined or started by :func:`connect` (``connect_timeout_s``).
+    Same contract as ``engine="local"`` (:mod:`data_prep.engine`): raises :class:`InvalidImage` for
+    the first invalid record (in source order) unless ``skip_invalid``, which lists it in the result's
+    ``skipped`` instead; raises :class:`ConversionError` when no row is valid. At most ``max_in_flight``
+    blocks (default: twice the cluster's CPUs) are checked at a time, so the driver and the object store hold
+    a bounded part of the source however large it is. Ray is joined or started by :func:`connect`
+    (``connect_timeout_s``). ``progress``: a tqdm bar, one step per record.
     """
     import ray
 
     started = connect(connect_timeout_s)
     try:
-        check = ray.remote(_check_block).options(num_returns=2)
-        settings = pil_settings()
-        write = ray.remote(_write_rows)
         if max_in_flight is None:
             max_in_flight = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
         blocks = batched(records, block_rows, block_bytes)
-        checking: deque = deque()
-        writing: list = []  # every write task, in source order
-        unfinished: list = []  # those not known to be done
-        group: list = []  # (rows_ref, rows taken) of consecutive blocks not yet handed to a writer
-        group_rows = group_bytes = rows = 0
-
-        def flush() -> None:
-            nonlocal group, group_rows, group_bytes, unfinished
-            if group:
-                while len(unfinished) >= max_in_flight:  # writers behind: let them catch up
-                    _, unfinished = ray.wait(unfinished, num_returns=1, fetch_local=False)
-                refs, takes = zip(*group, strict=True)
-                first = rows - group_rows
-                writing.append(
-                    write.remote(target, first, list(takes), mode, rows_per_file, storage_options, *refs)
-                )
-                unfinished.append(writing[-1])
-            group, group_rows, group_bytes = [], 0, 0
-
-        try:
-            exhausted = False
-            while True:
-                while not exhausted and len(checking) < max_in_flight:
-                    block = next(blocks, None)
-                    if block is None:
-                        exhausted = True
-                    else:
-                        checking.append((len(block), *check.remote(block, settings)))
-                if not checking:
-                    break
-                n, outcomes_ref, rows_ref = checking.popleft()
-                taken = taken_bytes = 0
-                for outcome in ray.get(outcomes_ref):
-                    if isinstance(outcome[0], str):
-                        record_invalid(InvalidImage(*outcome), skip_invalid, skipped, progress)
-                        continue
-                    if max_rows is not None and rows >= max_rows:
+        writers = _Writers(target, mode, rows_per_file, storage_options, fragment_bytes, max_in_flight)
+        written = Written()
+        with closing(_checked_in_order(blocks, max_in_flight)) as checked:
+            try:
+                for n, outcomes_ref, rows_ref in checked:
+                    taken_bytes = _count(ray.get(outcomes_ref), written, max_rows, skip_invalid, progress)
+                    progress.update(n)
+                    writers.add(rows_ref, *taken_bytes)
+                    if max_rows is not None and written.rows >= max_rows:
                         break
-                    label, n_bytes = outcome
-                    stats["image_bytes"] += n_bytes
-                    stats["labels"][label] += 1
-                    taken += 1
-                    taken_bytes += n_bytes
-                    rows += 1
-                progress.update(n)
-                if taken:
-                    group.append((rows_ref, taken))
-                    group_rows += taken
-                    group_bytes += taken_bytes
-                    if group_rows >= rows_per_file or group_bytes >= fragment_bytes:
-                        flush()
-                if max_rows is not None and rows >= max_rows:
-                    break
-            flush()
-            if rows == 0:
-                more = f" ({len(skipped)} invalid skipped)" if skipped else ""
-                raise ConversionError(f"{description}: no valid images to write{more}")
-            return [fragment for fragments in ray.get(writing) for fragment in fragments]
-        except BaseException:
-            for ref in writing:
-                ray.cancel(ref)
-            if writing:  # a cancelled write may still be running: nothing may land in target after we return
-                ray.wait(writing, num_returns=len(writing), timeout=120, fetch_local=False)
-            raise
-        finally:
-            for _, outcomes_ref, _ in checking:  # blocks past max_rows, or after a failure
-                ray.cancel(outcomes_ref)
+                writers.flush()
+                written.require_rows(description)
+                written.fragments = writers.fragments()
+                return written
+            except BaseException:
+                writers.cancel()
+                raise
     finally:
         if started:
             ray.shutdown()
+
+
+def _checked_in_order(blocks: Iterator[list[Record]], max_in_flight: int) -> Iterator[tuple]:
+    """``(records, outcomes_ref, rows_ref)`` of a ``_check_block`` task per block, in source order, with at
+    most ``max_in_flight`` tasks started ahead; closing it cancels the tasks not yet yielded (blocks past
+    ``max_rows``, or after a failure)."""
+    import ray
+
+    check = ray.remote(_check_block).options(num_returns=2)
+    settings = pil_settings()  # the driver's pixel limit, for every task
+    checking: deque = deque()
+    try:
+        for block in blocks:
+            checking.append((len(block), *check.remote(block, settings)))
+            if len(checking) >= max_in_flight:
+                yield checking.popleft()
+        while checking:
+            yield checking.popleft()
+    finally:
+        for _, outcomes_ref, _ in checking:
+            ray.cancel(outcomes_ref)
+
+
+def _count(
+    outcomes: list[Any], written: Written, max_rows: int | None, skip_invalid: bool, progress: Any
+) -> tuple[int, int]:
+    """Count one block's valid rows into ``written``, up to ``max_rows`` in all (an invalid one is raised or
+    skipped: :meth:`Written.skip`); return how many rows of the block to write and their image bytes."""
+    taken = taken_bytes = 0
+    for outcome in outcomes:
+        if isinstance(outcome[0], str):
+            written.skip(InvalidImage(*outcome), skip_invalid, progress)
+            continue
+        if max_rows is not None and written.rows >= max_rows:
+            break
+        label, n_bytes = outcome
+        written.add(label, n_bytes)
+        taken += 1
+        taken_bytes += n_bytes
+    return taken, taken_bytes
+
+
+@dataclass
+class _Writers:
+    """The ``_write_rows`` tasks of a conversion, in source order: the valid rows of consecutive blocks are
+    grouped until ``rows_per_file`` rows or ``fragment_bytes`` of images, then written by one task, with at
+    most ``max_in_flight`` tasks unfinished."""
+
+    target: str
+    mode: str
+    rows_per_file: int
+    storage_options: dict[str, str] | None
+    fragment_bytes: int
+    max_in_flight: int
+    tasks: list = field(default_factory=list)  # every write task, in source order
+    _unfinished: list = field(default_factory=list)  # those not known to be done
+    _group: list = field(default_factory=list)  # (rows_ref, rows taken) of blocks not yet handed to a task
+    _group_rows: int = 0
+    _group_bytes: int = 0
+    _first_id: int = 0  # the id of the group's first row
+    _remote: Any = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        import ray
+
+        self._remote = ray.remote(_write_rows)
+
+    def add(self, rows_ref, taken: int, taken_bytes: int) -> None:
+        """Write the first ``taken`` rows of a checked block (``rows_ref``), after those added before."""
+        if taken:
+            self._group.append((rows_ref, taken))
+            self._group_rows += taken
+            self._group_bytes += taken_bytes
+            if self._group_rows >= self.rows_per_file or self._group_bytes >= self.fragment_bytes:
+                self.flush()
+
+    def flush(self) -> None:
+        """Hand the group to a write task, once fewer than ``max_in_flight`` are unfinished."""
+        import ray
+
+        if self._group:
+            while len(self._unfinished) >= self.max_in_flight:  # writers behind: let them catch up
+                _, self._unfinished = ray.wait(self._unfinished, num_returns=1, fetch_local=False)
+            refs, takes = zip(*self._group, strict=True)
+            options = (self.mode, self.rows_per_file, self.storage_options)
+            task = self._remote.remote(self.target, self._first_id, list(takes), *options, *refs)
+            self.tasks.append(task)
+            self._unfinished.append(task)
+            self._first_id += self._group_rows
+        self._group, self._group_rows, self._group_bytes = [], 0, 0
+
+    def fragments(self) -> list:
+        """The ``FragmentMetadata`` of every task, in source order, once all are done."""
+        import ray
+
+        return [fragment for fragments in ray.get(self.tasks) for fragment in fragments]
+
+    def cancel(self) -> None:
+        """Cancel every task and wait (up to 120 s) until none runs: a cancelled write may still be running,
+        and nothing may land in ``target`` after a failed conversion returns."""
+        import ray
+
+        for ref in self.tasks:
+            ray.cancel(ref)
+        if self.tasks:
+            ray.wait(self.tasks, num_returns=len(self.tasks), timeout=120, fetch_local=False)

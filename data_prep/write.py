@@ -27,6 +27,7 @@ from lance_cookbook.recipe.store_errors import silent_endpoint_reason, store_err
 
 from .check import ConversionError, InvalidImage, ParameterError
 from .pool import Checked
+from .result import Written
 
 __all__ = [
     "LABEL_NAMES_KEY",
@@ -37,7 +38,6 @@ __all__ = [
     "conversion_record",
     "dataset_metadata",
     "record_batches",
-    "record_invalid",
     "write_stream",
 ]
 
@@ -61,59 +61,45 @@ SCHEMA = pa.schema(
 )
 
 
-def record_invalid(error: InvalidImage, skip_invalid: bool, skipped: list[str], progress) -> None:
-    """Raise ``error``, or with ``skip_invalid`` list it as skipped and show the count on the progress bar."""
-    if not skip_invalid:
-        raise error
-    skipped.append(str(error))
-    progress.set_postfix(skipped=len(skipped))
-
-
 def record_batches(
     checked: Iterable[Iterable[Checked]],
+    written: Written,
     max_rows: int | None,
     skip_invalid: bool,
-    skipped: list[str],
-    stats: dict,
     progress,
     description: str,
 ) -> Iterator[pa.RecordBatch]:
     """One record batch per batch of checked records: valid rows numbered in order, up to ``max_rows``.
 
-    An invalid record raises :class:`InvalidImage`, or with ``skip_invalid`` is listed in ``skipped``;
-    fills ``stats`` (``image_bytes``, ``labels``: a Counter of rows per label); raises
-    :class:`ConversionError` when no record is valid. ``progress``: a tqdm bar, one step per record.
+    Counts each row into ``written``; an invalid record raises :class:`InvalidImage`, or with
+    ``skip_invalid`` is listed in ``written.skipped``; raises :class:`ConversionError` when no record is
+    valid. ``progress``: a tqdm bar, one step per record.
     """
-    rows = 0
     for results in checked:
         cols: dict[str, list] = {f.name: [] for f in SCHEMA}
         for record, data, result in results:
             progress.update(1)
             if isinstance(result, InvalidImage):
-                record_invalid(result, skip_invalid, skipped, progress)
+                written.skip(result, skip_invalid, progress)
                 continue
-            if max_rows is not None and rows >= max_rows:
+            if max_rows is not None and written.rows >= max_rows:
                 break
             cols["image"].append(data)
             cols["label"].append(record.label)
-            cols["id"].append(rows)
+            cols["id"].append(written.rows)
             cols["source"].append(record.source)
             cols["width"].append(result[0])
             cols["height"].append(result[1])
-            stats["image_bytes"] += len(data)
-            stats["labels"][record.label] += 1
-            rows += 1
+            written.add(record.label, len(data))
         if cols["id"]:
             batch = pa.RecordBatch.from_pydict(cols, schema=SCHEMA)
             # Lance holds the Arrow copy while it writes: drop ours of the images first, so a batch is
             # held twice only while it is converted (the t3-conv-large-images-memory report)
             cols = record = data = result = results = None
             yield batch
-        if max_rows is not None and rows >= max_rows:
+        if max_rows is not None and written.rows >= max_rows:
             break
-    if rows == 0:
-        more = f" ({len(skipped)} invalid skipped)" if skipped else ""
-        raise ConversionError(f"{description}: no valid images to write{more}")
+    written.require_rows(description)
 
 
 def write_stream(

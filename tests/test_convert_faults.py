@@ -3,7 +3,7 @@
 Faults: a store that refuses, an interrupted run on object storage, a Ray cluster that is gone, relative
 paths on a cluster started elsewhere.
 
-The store is a moto server with IAM authentication (``test_object_store.s3``); the Ray tests start their
+The store is a moto server with IAM authentication (``test_store_errors.s3``); the Ray tests start their
 own Ray on 127.0.0.1 with a private temp dir.
 """
 
@@ -20,8 +20,8 @@ from pathlib import Path
 import lance
 import pytest
 from conftest import REPO, make_imagefolder
-from test_object_store import BUCKET
-from test_object_store import s3 as iam_s3  # noqa: F401 - the fixture, shared with the read-side tests
+from test_store_errors import BUCKET
+from test_store_errors import s3 as iam_s3  # noqa: F401 - the fixture, shared with the read-side tests
 
 from data_prep import write
 from data_prep.convert import convert

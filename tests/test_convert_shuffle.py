@@ -11,7 +11,8 @@ import pytest
 from conftest import make_imagefolder
 
 from data_prep.convert import convert, main
-from data_prep.sources import imagefolder_source, permutation, shuffled
+from data_prep.imagefolder import imagefolder_source
+from data_prep.sources import permutation, shuffled
 from data_prep.write import conversion_record
 
 

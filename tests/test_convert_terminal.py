@@ -9,7 +9,8 @@ import lance
 import pytest
 from conftest import encode, photo
 
-from data_prep.convert import Summary, main
+from data_prep.convert import main
+from data_prep.result import Summary
 from data_prep.sources import printable
 from data_prep.write import conversion_record
 
