@@ -1,7 +1,6 @@
-"""Decode a batch of stored image bytes into tensors, inside the DataLoader workers.
+"""Decode a batch of stored image bytes into tensors inside the DataLoader workers (docs/training.md).
 
-Decoding runs in parallel across workers and only fixed-size uint8 tensors cross processes. Decoders:
-:mod:`.decode`; the hand-over: :mod:`.handover`; figures: ``docs/benchmark.md``, "Where the time goes".
+Decoders: :mod:`.decode`; the hand-over: :mod:`.handover`; figures: docs/benchmark.md, "Where the time goes".
 """
 
 from __future__ import annotations
@@ -43,8 +42,7 @@ def augment_seed(seed: int, epoch: int, position: int) -> int:
 
 
 @contextlib.contextmanager
-def _seeded(seed: int | None):
-    """Draw from a generator seeded with ``seed`` inside the block (None: the process's, unchanged)."""
+def _seeded(seed: int | None):  # draw from a generator seeded with seed (None: the process's, unchanged)
     if seed is None:
         yield
         return
@@ -55,6 +53,19 @@ def _seeded(seed: int | None):
 
 class DecodeError(ValueError):
     """Stored bytes that do not decode; the message names the row."""
+
+
+def _each(items: list[Any], step: Any, seeds: list[int | None] | None) -> list[torch.Tensor | Exception]:
+    """Apply ``step`` to each item that is not an exception, under its seed; a failure gives its exception."""
+    out = list(items)
+    for i, (item, seed) in enumerate(zip(items, seeds or [None] * len(items), strict=True)):
+        if not isinstance(item, Exception):
+            try:
+                with _seeded(seed):
+                    out[i] = step(item)
+            except Exception as e:  # noqa: BLE001 - reported per row by the caller
+                out[i] = e
+    return out
 
 
 def _row_name(rows: list[dict[str, Any]], position: int) -> str:
@@ -126,12 +137,8 @@ class ImageCollate:
         self.size = int(size)
         self.crop_fraction = crop_fraction
         self.resize_size = math.floor(self.size / crop_fraction)
-        self.train = train
-        self.decoder = decoder
-        self.dtype = dtype
-        self.on_error = on_error
-        self.image_column = image_column
-        self.label_column = label_column
+        self.train, self.decoder, self.dtype, self.on_error = train, decoder, dtype, on_error
+        self.image_column, self.label_column = image_column, label_column
         self.skipped = 0
         self._crop = v2.RandomResizedCrop(self.size, antialias=True)  # its scale and ratio serve both paths
         if train:
@@ -166,30 +173,9 @@ class ImageCollate:
             raise ValueError("empty image bytes")
         return self._pil_transform(pil_to_rgb(data))
 
-    def _decode_torchvision(
-        self, blobs: list[bytes], seeds: list[int | None] | None = None
-    ) -> list[torch.Tensor | Exception]:
+    def _decode_torchvision(self, blobs: list[bytes], seeds: list[int | None] | None = None) -> list[Any]:
         """Decode and resize ``blobs``; ``seeds[i]`` (None: this process's generator) draws row i's crop."""
-        seeds = seeds if seeds is not None else [None] * len(blobs)
-        out = decode_batch(blobs)
-        for i, img in enumerate(out):
-            if not isinstance(img, Exception):
-                try:
-                    with _seeded(seeds[i]):
-                        out[i] = self._geometry(img)
-                except Exception as e:  # noqa: BLE001 - reported per row by the caller
-                    out[i] = e
-        return out
-
-    def _decode_each_pil(self, blobs: list[bytes], seeds: list[int | None]) -> list[torch.Tensor | Exception]:
-        decoded: list[torch.Tensor | Exception] = []
-        for b, seed in zip(blobs, seeds, strict=True):
-            try:
-                with _seeded(seed):
-                    decoded.append(self._decode_pil(b))
-            except Exception as e:  # noqa: BLE001 - reported per row by the caller
-                decoded.append(e)
-        return decoded
+        return _each(decode_batch(blobs), self._geometry, seeds)
 
     def __call__(self, rows: list[dict[str, Any]] | Mapping[str, Any]) -> Batch:
         """Decode ``rows`` (or one row) into a :class:`Batch`; see the class for shapes and errors."""
@@ -201,7 +187,7 @@ class ImageCollate:
         if self.decoder == "torchvision":
             decoded = self._decode_torchvision(blobs, seeds)
         else:
-            decoded = self._decode_each_pil(blobs, seeds)
+            decoded = _each(blobs, self._decode_pil, seeds)
         images, labels = [], []
         for position, (row, img) in enumerate(zip(rows, decoded, strict=True)):
             if isinstance(img, Exception):

@@ -30,10 +30,8 @@ def default_workers() -> int:
 class WorkerInit:
     """``worker_init_fn`` of :func:`make_loader`'s workers; then calls the caller's ``worker_init_fn``.
 
-    A forkserver or spawn worker ends with the process that started it (``end_with_process``: no orphans
-    after a SIGKILL), uses its tensor sharing strategy (per process, pytorch/pytorch#75269) and ignores
-    SIGINT (Kernel > Interrupt killed persistent workers, open-mmlab/mmdetection#410). The pid and the
-    strategy are read when pickled, as the workers start.
+    A worker ends with the process that started it, uses its sharing strategy (read when pickled, as the
+    workers start) and ignores SIGINT; why: docs/training.md, "Why the recipe's workers ...".
     """
 
     def __init__(self, worker_init_fn: Callable[[int], Any] | None = None):
@@ -42,11 +40,8 @@ class WorkerInit:
         self.sharing_strategy = torch.multiprocessing.get_sharing_strategy()
 
     def __getstate__(self) -> dict[str, Any]:
-        return {
-            "worker_init_fn": self.worker_init_fn,
-            "owner_pid": os.getpid(),
-            "sharing_strategy": torch.multiprocessing.get_sharing_strategy(),
-        }
+        strategy = torch.multiprocessing.get_sharing_strategy()
+        return {**vars(self), "owner_pid": os.getpid(), "sharing_strategy": strategy}
 
     def __call__(self, worker_id: int) -> None:
         """Run in worker ``worker_id`` as it starts."""
@@ -58,11 +53,9 @@ class WorkerInit:
 
 
 class ReentrantDataLoader(DataLoader):
-    """A ``DataLoader`` whose persistent workers never serve two passes at once.
+    """A ``DataLoader`` whose persistent workers never serve two passes at once (torchrec#2327).
 
-    A plain one resets its persistent iterator on ``iter(loader)``, so a second pass started while one
-    runs silently cut the first short (torchrec#2327); here it gets short-lived workers of its own. A pass
-    ends when its iterator is exhausted or dropped. Constructor arguments are ``DataLoader``'s.
+    A second pass started while one runs (until exhausted or dropped) gets short-lived workers of its own.
     """
 
     def __init__(self, *args: Any, **kwargs: Any):
@@ -124,10 +117,9 @@ def make_loader(
     persistent_workers: bool | None = None,
     **dataloader_kwargs: Any,
 ) -> DataLoader:
-    """Build the recommended ``DataLoader`` over a Lance dataset: batched reads, decode in the workers.
+    """Build the recommended ``DataLoader`` over a Lance dataset: one ``take`` a batch, decode in the workers.
 
-    One ``take`` a batch; workers fork from a server that preloaded torch but never Lance
-    (``lance_safe_context``), persist across epochs and run :class:`WorkerInit` (``docs/training.md``).
+    What it adds to a ``DataLoader``, and why: docs/training.md.
 
     Parameters
     ----------
@@ -202,8 +194,7 @@ def _dataset(
         return uri_or_dataset
     if columns == "auto":
         columns = getattr(collate_fn, "columns", None)
-    if not (
-        columns is None or isinstance(columns, (list, tuple)) and all(isinstance(c, str) for c in columns)
-    ):
+    names = isinstance(columns, (list, tuple)) and all(isinstance(c, str) for c in columns)
+    if not (columns is None or names):
         raise TypeError(f"columns takes a list of column names, not {columns!r}")
     return open_dataset(uri_or_dataset, version=version, storage_options=storage_options, columns=columns)
