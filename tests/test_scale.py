@@ -14,7 +14,6 @@ import socket
 import subprocess
 import sys
 import warnings
-from collections import Counter
 from pathlib import Path
 
 import lance
@@ -233,7 +232,6 @@ class TestRayEngine:
         from data_prep.sources import digits_source
         from data_prep.write import SCHEMA
 
-        stats = {"image_bytes": 0, "labels": Counter()}
         fragments = write_fragments_ray(
             digits_source("test").records,
             str(tmp_path / "ray.lance"),
@@ -243,12 +241,10 @@ class TestRayEngine:
             block_rows=30,
             max_rows=None,
             skip_invalid=False,
-            skipped=[],
-            stats=stats,
             progress=tqdm(disable=True),
             description="digits",
             max_in_flight=1,  # one check and one write task at a time
-        )
+        ).fragments
         overwrite = lance.LanceOperation.Overwrite(SCHEMA, fragments)
         ds = lance.LanceDataset.commit(tmp_path / "ray.lance", overwrite)
         convert("digits", tmp_path / "local.lance", split="test", progress=False)
