@@ -27,25 +27,17 @@ warnings.filterwarnings("ignore", message="The given buffer is not writable", ca
 _RAW_16_BIT = {"RGB;16L": "<u2", "RGB;16B": ">u2", "RGB;16N": "=u2", "RGBA;16L": "<u2", "RGBA;16B": ">u2"}
 
 
-def _png_bit_depth(data: bytes) -> int | None:
-    """Return the bit depth in a PNG's header (IHDR is always first), or None for anything else."""
+def _png_bit_depth(data: bytes) -> int | None:  # from the IHDR chunk, always first; None if not a PNG
     return data[24] if data[:8] == PNG_MAGIC and len(data) > 24 else None
 
 
 def _to_8_bits(samples: np.ndarray) -> np.ndarray:
-    """Scale 16-bit samples (any integer dtype, clipped to [0, 65535]) to uint8 as ``round(v / 257)``.
-
-    Exact: ``v + 128`` never lands on a tie, and 65535 maps to 255.
-    """
+    """Scale 16-bit samples (clipped to [0, 65535]) to uint8 as ``round(v / 257)``: ``v + 128`` never ties."""
     return ((samples.astype(np.int64).clip(0, 65535) + 128) // 257).astype(np.uint8)
 
 
 def _raw_16_bit_samples(im: Image.Image, data: bytes) -> np.ndarray | None:
-    """Read the ``[H, W, C]`` uint16 samples of an uncompressed 16-bit colour image from ``data``.
-
-    Read where PIL's tiles say they are; None if PIL reads ``im`` any other way (compressed, planar,
-    8-bit). A truncated file raises ``ValueError``.
-    """
+    """Return the ``[H, W, C]`` uint16 samples at PIL's raw 16-bit tiles; None if ``im`` has other tiles."""
     if im.mode not in ("RGB", "RGBA") or not im.tile:
         return None
     out = None
@@ -67,9 +59,8 @@ def _raw_16_bit_samples(im: Image.Image, data: bytes) -> np.ndarray | None:
 def pil_to_rgb(data: bytes) -> Image.Image:
     """Decode ``data`` to the RGB image ``Image.open(f).convert("RGB")`` gives, save for 16-bit samples.
 
-    The first frame of an animated image; alpha dropped, not composited; palette transparency and EXIF
-    orientation ignored. A 16-bit sample ``v`` becomes ``round(v / 257)``, where ``convert("RGB")``
-    saturates 16-bit grey to white (pytorch/vision#2218) and keeps the high byte of 16-bit colour.
+    First frame only; alpha dropped; EXIF orientation ignored. A 16-bit sample ``v`` becomes
+    ``round(v / 257)``, where ``convert("RGB")`` saturates 16-bit grey to white (pytorch/vision#2218).
     Raises what PIL (or ``decode_png``) raises for bytes it cannot decode.
     """
     if _png_bit_depth(data) == 16:  # PIL has no 16-bit colour mode; libpng gives every sample
@@ -88,11 +79,7 @@ def pil_to_rgb(data: bytes) -> Image.Image:
 
 
 def fast_path(data: bytes) -> str:
-    """Pick the decoder for ``data`` from its header: ``"jpeg"``, ``"image"`` or ``"pil"``.
-
-    ``"jpeg"``: the batched ``decode_jpeg`` (baseline, progressive, grey and CMYK match PIL exactly);
-    ``"image"``: ``decode_image``; ``"pil"``: :func:`pil_to_rgb`.
-    """
+    """Pick the decoder for ``data`` from its header: ``"jpeg"`` (batched), ``"image"`` or ``"pil"``."""
     if data[:3] == JPEG_MAGIC:
         return "jpeg"
     if data[:8] == PNG_MAGIC:
@@ -105,10 +92,7 @@ def fast_path(data: bytes) -> str:
 
 
 def decode_one(data: bytes, path: str = "image") -> torch.Tensor:
-    """Decode one image to a uint8 ``[3, H, W]`` tensor through ``path`` (see :func:`fast_path`).
-
-    Raises ``ValueError`` for empty bytes and what PIL raises for bytes it cannot decode.
-    """
+    """Decode one image to uint8 ``[3, H, W]`` via ``path`` (:func:`fast_path`); ``ValueError`` if empty."""
     if not data:
         raise ValueError("empty image bytes")
     if path != "pil":
@@ -123,10 +107,7 @@ def decode_one(data: bytes, path: str = "image") -> torch.Tensor:
 
 
 def decode_batch(blobs: list[bytes]) -> list[torch.Tensor | Exception]:
-    """Decode ``blobs`` to uint8 ``[3, H, W]`` tensors, all JPEGs in one ``decode_jpeg`` call.
-
-    A blob that does not decode gives its exception in its place, so the caller can name its row.
-    """
+    """Decode ``blobs`` to uint8 ``[3, H, W]`` tensors (JPEGs in one call); a failure gives its exception."""
     out: list[torch.Tensor | Exception | None] = [None] * len(blobs)
     paths = [fast_path(b) if b else "pil" for b in blobs]
     jpegs = [i for i, path in enumerate(paths) if path == "jpeg"]

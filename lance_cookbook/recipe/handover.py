@@ -1,7 +1,6 @@
-"""Hand a decoded batch from a DataLoader worker to the main process with as few copies as possible.
+"""Hand a decoded batch from a DataLoader worker to the main process: large ones through shared memory.
 
-A large batch is written into shared memory in the worker; a small one goes by value through the pipe,
-where a shared-memory descriptor costs a round trip per tensor (``docs/benchmark.md``).
+A small one goes by value through the pipe, where a shared-memory descriptor costs a round trip per tensor.
 """
 
 from __future__ import annotations
@@ -19,10 +18,7 @@ BY_VALUE_MAX_BYTES = 1 << 20
 
 
 def _pack(t: torch.Tensor) -> Any:
-    """Return a small dense CPU tensor as a numpy array in its memory order (pickled by value).
-
-    Anything else is returned as is, for torch's shared-memory reduction.
-    """
+    """Return a small CPU tensor as a numpy array in its memory order (by value), else ``t`` (shared)."""
     if t.device.type != "cpu" or t.requires_grad or t.numel() * t.element_size() > BY_VALUE_MAX_BYTES:
         return t
     nhwc = t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
@@ -45,10 +41,9 @@ def _rebuild_batch(image: Any, label: Any) -> Batch:
 
 
 class Batch(NamedTuple):
-    """A decoded batch: unpacks as ``images, labels`` and also has ``.image`` / ``.label``.
+    """A decoded batch: unpacks as ``images, labels``; also ``.image`` and ``.label``.
 
-    Pickled (a worker handing it over), tensors of at most ``BY_VALUE_MAX_BYTES`` go by value and larger
-    ones through shared memory; shapes, strides and values are unchanged either way.
+    Pickled, tensors over ``BY_VALUE_MAX_BYTES`` go through shared memory; shapes and strides are kept.
     """
 
     image: torch.Tensor  # [B, 3, S, S], float32 in [0, 1] or uint8 in [0, 255]
@@ -74,8 +69,7 @@ def stack_channels_last(
     """Stack ``[3, H, W]`` images into a ``[B, 3, H, W]`` batch stored NHWC (``channels_last``).
 
     ``dtype=torch.float32`` converts uint8 to float in [0, 1] in the same pass. A batch over
-    ``BY_VALUE_MAX_BYTES`` is written into shared memory when ``shared`` is True, or by default inside a
-    DataLoader worker.
+    ``BY_VALUE_MAX_BYTES`` goes into shared memory when ``shared`` (default: inside a DataLoader worker).
     """
     c, h, w = images[0].shape
     out = _empty((len(images), h, w, c), dtype or images[0].dtype, shared)
