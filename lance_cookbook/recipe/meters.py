@@ -1,8 +1,4 @@
-"""Data-wait meter: the share of each training step spent waiting for the next batch.
-
-Near 0, the model is the bottleneck; near 1, add workers, decode less or read faster (``data_time`` in
-pytorch/examples' ``imagenet/main.py``).
-"""
+"""Data-wait meter: the share of each step spent waiting for the next batch (near 1: the loader limits)."""
 
 from __future__ import annotations
 
@@ -18,8 +14,7 @@ T = TypeVar("T")
 class DataWaitMeter:
     """Sum the seconds spent waiting for each batch and of each whole step (``time.perf_counter``).
 
-    A step runs from asking for a batch to asking for the next, so waits and bodies add up to the loop's
-    time. Sums accumulate until :meth:`reset`: ``for x, y in meter.wrap(loader): ...``.
+    A step runs from asking for a batch to asking for the next. ``for x, y in meter.wrap(loader): ...``.
 
     Attributes
     ----------
@@ -35,10 +30,7 @@ class DataWaitMeter:
     def reset(self) -> None:
         """Set every sum and count back to zero."""
         self.steps = 0
-        self.wait_s = 0.0
-        self.step_s = 0.0
-        self.last_wait_s = 0.0
-        self.last_step_s = 0.0
+        self.wait_s = self.step_s = self.last_wait_s = self.last_step_s = 0.0
 
     @property
     def wait_fraction(self) -> float:

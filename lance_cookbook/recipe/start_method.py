@@ -1,7 +1,4 @@
-"""Start methods that are safe with Lance: forkserver (workers in milliseconds) or spawn, never fork.
-
-Torch-free on purpose: the conversion's checking pool (``data_prep.pool``) uses it too.
-"""
+"""Start methods safe with Lance: forkserver or spawn, never fork. Torch-free: ``data_prep.pool`` uses it."""
 
 from __future__ import annotations
 
@@ -23,10 +20,7 @@ LOADER_PRELOAD = ("torch", "torchvision", "PIL", "numpy")
 
 
 def check_start_method(context: str | Any) -> Any:
-    """Return a multiprocessing context that is safe with Lance, or raise for ``fork``.
-
-    A forked child inherits the Lance runtime's threads and locks in an unknown state (deadlocks and
-    segfaults: lance#3640, lance#2204).
+    """Return a multiprocessing context that is safe with Lance (lance#3640, lance#2204).
 
     Raises
     ------
@@ -44,11 +38,7 @@ def check_start_method(context: str | Any) -> Any:
 
 
 def lance_safe_context(preload: Sequence[str] = ()) -> multiprocessing.context.BaseContext:
-    """Return ``forkserver`` (spawn where missing) with ``preload`` added to its preload list.
-
-    ``lance`` and ``__main__`` are removed from the list: a process that imported Lance must not fork
-    (lance#3640); one that imports it after the fork server started is safe (lance#3727).
-    """
+    """Return ``forkserver`` (spawn where missing) preloading ``preload``, never ``lance`` or ``__main__``."""
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
     theirs = getattr(getattr(multiprocessing.forkserver, "_forkserver", None), "_preload_modules", None) or []
@@ -61,9 +51,7 @@ def lance_safe_context(preload: Sequence[str] = ()) -> multiprocessing.context.B
 def end_with_process(pid: int, *, poll_s: float = 0.5) -> threading.Thread:
     """In a worker process: end this process (``os._exit(1)``) as soon as process ``pid`` ends.
 
-    A worker watches its *parent* (pytorch/pytorch#6606), under forkserver the fork server, which outlived
-    a SIGKILLed training process with its workers (``GUIDE.md``). ``os._exit``: a worker whose reader is
-    gone can block joining its queue's feeder thread. A ``pidfd`` where Linux has one, else a poll.
+    Watched through a ``pidfd`` where Linux has one, else polled; why: docs/training.md.
 
     Parameters
     ----------

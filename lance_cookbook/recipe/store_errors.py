@@ -1,8 +1,4 @@
-"""What an object-store failure means, in one line a user can act on.
-
-Lance's ``OSError`` translated (:func:`store_error_reason`), and a silent endpoint caught before Lance's
-client retries it for minutes (:func:`silent_endpoint_reason`).
-"""
+"""What an object-store failure means, in one line a user can act on."""
 
 from __future__ import annotations
 
@@ -31,10 +27,8 @@ _S3_CODES = {
 def store_error_reason(uri: str, error: BaseException) -> str | None:
     """Return the cause of a Lance object-store failure in one short phrase, or ``None`` if it is not one.
 
-    Lance reports store failures as ``OSError``/``ValueError`` quoting the server's XML or the HTTP client
-    (lance#797). Recognised: an S3 error code (``NoSuchBucket`` -> ``bucket 'x' does not exist``), an
-    unsupported scheme (``s3a://``), ``http://`` without ``allow_http``, an endpoint that does not answer.
-    Reading (``open_dataset``) and the conversion both use it.
+    Recognised in Lance's ``OSError``/``ValueError`` (lance#797): an S3 error code, an unsupported scheme
+    (``s3a://``), ``http://`` without ``allow_http``, an endpoint that does not answer.
     """
     text = str(error)
     scheme = re.search(r"No object store provider found for scheme: '([^']+)'", text)
@@ -67,9 +61,7 @@ ENDPOINT_REPLY_TIMEOUT_S = 10.0
 def endpoint_proxy(endpoint: str, storage_options: dict[str, str] | None) -> str | None:
     """Return the proxy URL Lance's client uses for ``endpoint`` (``http(s)://host:port``), or ``None``.
 
-    The rules of the ``object_store`` crate over ``reqwest``: the storage option ``proxy_url``, except to
-    hosts in ``proxy_excludes``; else ``HTTPS_PROXY``/``HTTP_PROXY`` by scheme, then ``ALL_PROXY`` (lower
-    case first), except to hosts in ``NO_PROXY``.
+    ``object_store``'s rules: ``proxy_url`` unless ``proxy_excludes``; else the ``*_PROXY`` variables.
     """
     parts = urllib.parse.urlsplit(endpoint)
     host = parts.netloc.rsplit("@", 1)[-1]
@@ -84,8 +76,7 @@ def endpoint_proxy(endpoint: str, storage_options: dict[str, str] | None) -> str
     return proxy
 
 
-def _shown(url: str) -> str:
-    """Return ``url`` without the user name and password a proxy URL may carry, for a message."""
+def _shown(url: str) -> str:  # without the user name and password a proxy URL may carry
     parts = urllib.parse.urlsplit(url)
     return parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1]).geturl()
 
@@ -95,11 +86,8 @@ def silent_endpoint_reason(
 ) -> str | None:
     """Return why the store at ``aws_endpoint`` cannot be used when it sends no reply within ``timeout_s``.
 
-    One ``HEAD /`` (default timeout :data:`ENDPOINT_REPLY_TIMEOUT_S`), sent through the proxy Lance would
-    use (:func:`endpoint_proxy`; AWSS3.jl#98): a server that accepts and hangs, or a host that drops the
-    connection, is named. ``None`` for any HTTP answer (an error status included), a refused connection
-    (Lance names it), no ``aws_endpoint``, or a proxy urllib cannot speak (``https://``, SOCKS,
-    ``proxy_ca_certificate``): then nothing is sent.
+    One ``HEAD /`` (default timeout :data:`ENDPOINT_REPLY_TIMEOUT_S`) through :func:`endpoint_proxy`'s proxy.
+    ``None`` for any HTTP answer, a refused connection, no ``aws_endpoint``, or a proxy urllib cannot speak.
     """
     import urllib.error
 
