@@ -30,13 +30,10 @@ def to_device(
     batch : Batch or tuple of (Tensor, Tensor)
         Images ``[B, 3, H, W]`` (uint8 or floating point) and labels ``[B]``.
     device : torch.device or str
-        Where to copy them.
     mean, std : sequence of float, optional
         Per-channel ``(x - mean) / std`` after scaling (``IMAGENET_MEAN``, ``IMAGENET_STD``); both or neither.
-    non_blocking : bool
-        Overlap the copy with compute (when the loader pins memory).
-    channels_last : bool
-        Return the images with NHWC strides.
+    non_blocking, channels_last : bool
+        Overlap the copy with compute (when the loader pins memory); return NHWC strides.
 
     Returns
     -------
