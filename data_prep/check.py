@@ -36,8 +36,10 @@ class ConversionError(Exception):
 
 
 class ParameterError(ConversionError):
-    """A parameter of ``convert()`` that cannot be used. The message names it as the Python API does
-    (``max_rows``); :attr:`cli_message` names the command-line flag instead (``--max-rows``).
+    """A parameter of ``convert()`` that cannot be used.
+
+    The message names it as the Python API does (``max_rows``); :attr:`cli_message` names the command-line
+    flag instead (``--max-rows``).
 
     ``template`` holds ``{name}`` where the parameter goes; ``api_name``/``cli_name`` fill it.
     """
@@ -111,7 +113,8 @@ def _refuse_bomb(width: int, height: int, where: str) -> None:
 
 @contextmanager
 def image_pixel_limit(max_pixels: int | None) -> Iterator[None]:
-    """Set ``PIL.Image.MAX_IMAGE_PIXELS`` to ``max_pixels`` (width x height) for the block, then restore it;
+    """Set ``PIL.Image.MAX_IMAGE_PIXELS`` to ``max_pixels`` (width x height) for the block, then restore it.
+
     ``None`` leaves it as it is.
 
     The one setting both checks read: :func:`check_image` refuses images above it, and PIL's own guard,
@@ -192,8 +195,10 @@ def check_items(items: list[str | bytes]) -> list[tuple[bytes | None, int, int] 
 
 
 def init_worker(settings: dict, parent_pid: int | None = None) -> None:
-    """Initializer of a checking worker process: apply ``settings`` (:func:`pil_settings` of the parent,
-    so both sides accept the same images), leave SIGINT to the parent, and end with ``parent_pid``.
+    """Initializer of a checking worker process.
+
+    It applies ``settings`` (:func:`pil_settings` of the parent, so both sides accept the same images),
+    leaves SIGINT to the parent, and ends with ``parent_pid``.
 
     A Ctrl-C in a terminal reaches every process of the foreground group; the parent stops the pool itself,
     and a worker dying of KeyboardInterrupt would only turn that into a broken pool and a traceback. A
@@ -210,7 +215,9 @@ def init_worker(settings: dict, parent_pid: int | None = None) -> None:
 
 
 def apply_pil_settings(settings: dict) -> None:
-    """Make this process's PIL accept what the process that took ``settings`` (:func:`pil_settings`) does:
-    a checking worker process, or a Ray task on another node."""
+    """Make this process's PIL accept what the process that took ``settings`` (:func:`pil_settings`) does.
+
+    This process is a checking worker process, or a Ray task on another node.
+    """
     Image.MAX_IMAGE_PIXELS = settings["max_image_pixels"]
     ImageFile.LOAD_TRUNCATED_IMAGES = settings["load_truncated_images"]

@@ -58,9 +58,12 @@ RAY_CONNECT_TIMEOUT_S = 60.0  # default wait for a Ray cluster named by RAY_ADDR
 
 
 def __getattr__(name: str):
-    """Names that lived in this module before the conversion was split into modules, for notebooks and
-    scripts written against it (``IMAGE_EXTENSIONS`` and ``digits_source`` are imported above). ``SCHEMA``
-    is looked up on use: importing ``data_prep.write`` here would load Lance into every checking worker."""
+    """Names that lived in this module before the conversion was split into modules.
+
+    For notebooks and scripts written against it (``IMAGE_EXTENSIONS`` and ``digits_source`` are imported
+    above). ``SCHEMA`` is looked up on use: importing ``data_prep.write`` here would load Lance into every
+    checking worker.
+    """
     if name == "SCHEMA":
         from .write import SCHEMA
 
@@ -158,8 +161,10 @@ def _open(
     overwrite: bool,
     storage_options: dict[str, str] | None,
 ) -> tuple[Source, Destination]:
-    """The source of :func:`convert` (shuffled when ``shuffle`` is a seed) and its destination, checked
-    first."""
+    """The source of :func:`convert` and its destination, checked first.
+
+    The source is shuffled when ``shuffle`` is a seed.
+    """
     from .write import Destination  # here, not above: it loads Lance (see data_prep.engine)
 
     dest = Destination(str(output), overwrite=overwrite, storage_options=storage_options)
@@ -184,6 +189,7 @@ def _summary(src: Source, dest: Destination, written: Written, ds: LanceDataset,
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line's argument parser (``python -m data_prep.convert``), used by :func:`main`."""
     p = argparse.ArgumentParser(
         prog="python -m data_prep.convert",
         description="Convert an image dataset into Lance, keeping each image's original encoded bytes.",

@@ -18,8 +18,9 @@ LOCK_NAME = ".digits.lock"  # beside the datasets: held while one process conver
 
 
 def ensure_digits(data_dir: str | os.PathLike | None = None, *, progress: bool = False) -> tuple[str, str]:
-    """Return ``(train_uri, test_uri)`` of the digits in Lance under ``data_dir``, converting them first
-    where missing.
+    """Return ``(train_uri, test_uri)`` of the digits in Lance under ``data_dir``.
+
+    The digits are converted first where missing.
 
     Parameters
     ----------

@@ -34,8 +34,9 @@ __all__ = ["Settings", "write_and_commit"]
 
 @dataclass(frozen=True)
 class Settings:
-    """How a conversion checks and writes: the parameters of :func:`data_prep.convert.convert` of the same
-    names.
+    """How a conversion checks and writes.
+
+    The fields are the parameters of :func:`data_prep.convert.convert` of the same names.
 
     Raises
     ------
@@ -97,9 +98,11 @@ def write_and_commit(
 
 @contextmanager
 def _undone_on_failure(dest: Destination) -> Iterator[None]:
-    """Abandon ``dest``'s uncommitted write on any exception (even after a second Ctrl-C: this runs before
-    the exception leaves), noting what could not be deleted; an object store's refusal becomes one line
-    naming the URI (:func:`data_prep.write.store_error`)."""
+    """Abandon ``dest``'s uncommitted write on any exception, noting what could not be deleted.
+
+    It does so even after a second Ctrl-C: this runs before the exception leaves. An object store's refusal
+    becomes one line naming the URI (:func:`data_prep.write.store_error`).
+    """
     from .write import store_error
 
     try:
@@ -121,8 +124,10 @@ def _undone_on_failure(dest: Destination) -> Iterator[None]:
 
 
 def _write(src: Source, dest: Destination, settings: Settings, progress: bool) -> Written:
-    """Check ``src``'s records and write them as data files at ``dest`` on ``settings.engine``; return what
-    was written, uncommitted."""
+    """Check ``src``'s records and write them as data files at ``dest`` on ``settings.engine``.
+
+    Returns what was written, uncommitted.
+    """
     from tqdm import tqdm
 
     description = printable(src.description)  # a terminal line: hf:NAME or a folder's name can hold anything
@@ -149,8 +154,10 @@ def _write(src: Source, dest: Destination, settings: Settings, progress: bool) -
 
 
 def _write_local(src: Source, dest: Destination, settings: Settings, bar) -> Written:
-    """Check ``src``'s records on this machine and stream them into data files at ``dest``. On failure, the
-    checking pool is stopped before this returns."""
+    """Check ``src``'s records on this machine and stream them into data files at ``dest``.
+
+    On failure, the checking pool is stopped before this returns.
+    """
     from .write import record_batches, write_stream
 
     total, max_rows = src.total, settings.max_rows

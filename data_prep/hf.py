@@ -1,5 +1,7 @@
-"""``hf:NAME``: a Hugging Face dataset (a hub name or a local folder laid out like a hub repository), read
-through ``datasets.load_dataset`` keeping each image's original encoded bytes.
+"""``hf:NAME``: a Hugging Face dataset, read through ``datasets.load_dataset``.
+
+``NAME`` is a hub name or a local folder laid out like a hub repository; each image's original encoded
+bytes are kept.
 
 ``datasets`` is imported on use: it is heavy, and the checking workers import the conversion's modules again.
 """
@@ -84,8 +86,10 @@ def hf_source(
 
 
 def _load(name: str, split: str) -> datasets.Dataset:
-    """``split`` of the dataset ``name`` (a hub name or a local folder), or of its alias (``val`` for
-    ``validation`` ...) when the dataset has no split of that name."""
+    """``split`` of the dataset ``name`` (a hub name or a local folder).
+
+    When the dataset has no split of that name, its alias (``val`` for ``validation`` ...) is loaded.
+    """
     import datasets
 
     local = Path(name).expanduser()
@@ -108,8 +112,11 @@ def _load(name: str, split: str) -> datasets.Dataset:
 def _columns(
     name: str, features: datasets.Features, image_column: str | None, label_column: str | None
 ) -> tuple[str, str]:
-    """The image and label columns: those named, else the first ``Image`` feature and the first
-    ``ClassLabel`` (else a column named ``label``)."""
+    """The image and label columns.
+
+    Those named, else the first ``Image`` feature and the first ``ClassLabel`` (else a column named
+    ``label``).
+    """
     import datasets
 
     image_column = image_column or next(
@@ -131,8 +138,11 @@ def _columns(
 def _label_names(
     name: str, ds: datasets.Dataset, label_column: str
 ) -> tuple[list[str], dict[str, int] | None]:
-    """``(names, by_name)``: the class names of ``label_column``, and for a string column the index of each
-    name (sorted, as ImageFolder sorts its class folders); ``None`` for a ``ClassLabel`` or integers."""
+    """``(names, by_name)``: the class names of ``label_column`` and the index of each name.
+
+    ``by_name`` maps each name of a string column to its index (sorted, as ImageFolder sorts its class
+    folders); ``None`` for a ``ClassLabel`` or integers.
+    """
     import datasets
 
     feature = ds.features[label_column]

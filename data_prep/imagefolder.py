@@ -1,5 +1,6 @@
-"""``imagefolder:DIR``: the images of ``DIR/<class>/**`` in torchvision ``ImageFolder``'s order, listed
-without reading them.
+"""``imagefolder:DIR``: the images of ``DIR/<class>/**`` in torchvision ``ImageFolder``'s order.
+
+They are listed without reading them.
 
 Hidden entries and ``__MACOSX`` are ignored; links are followed unless they loop or lead to something listed
 already (named in the source's warnings). File names are untrusted, so every one shown goes through
@@ -26,8 +27,10 @@ def _ignored(name: str) -> bool:
 
 
 def _unfollowed(real: str, root_real: str, seen: set[str]) -> str | None:
-    """Why a link resolving to ``real`` is not followed (None: follow it), ``root_real`` being the source
-    folder's real path and ``seen`` the real paths already walked or linked to."""
+    """Why a link resolving to ``real`` is not followed (None: follow it).
+
+    ``root_real`` is the source folder's real path and ``seen`` the real paths already walked or linked to.
+    """
     if real == root_real or root_real.startswith(real.rstrip(os.sep) + os.sep):
         return "it leads back to the source folder or above it (a loop)"
     if real.startswith(root_real + os.sep):
@@ -41,9 +44,10 @@ def _unfollowed(real: str, root_real: str, seen: set[str]) -> str | None:
 def _walk(
     top: str, top_real: str, root_real: str, seen: set[str], notes: list[str]
 ) -> list[tuple[str, list]]:
-    """``(folder, [(file name, problem | None), ...])`` for ``top`` and every folder under it, in the order
-    of torchvision's ``sorted(os.walk(top, followlinks=True))``, names sorted within each folder.
-    ``seen``: real paths already listed, updated.
+    """``(folder, [(file name, problem | None), ...])`` for ``top`` and every folder under it.
+
+    In the order of torchvision's ``sorted(os.walk(top, followlinks=True))``, names sorted within each
+    folder. ``seen``: real paths already listed, updated.
 
     Hidden entries and ``__MACOSX`` are left out. Links are followed (as ImageFolder does) unless
     :func:`_unfollowed` says otherwise; each link not followed is described in ``notes``. An unreadable
@@ -94,15 +98,17 @@ def _walk(
 
 
 def imagefolder_source(root: str | os.PathLike) -> Source:
-    """``root/<class>/**/<image>`` in torchvision ``ImageFolder`` order: sorted class folders, then, inside
-    each, ``sorted(os.walk(class_folder, followlinks=True))`` with each folder's files sorted.
+    r"""``root/<class>/**/<image>`` in torchvision ``ImageFolder`` order.
+
+    Sorted class folders, then, inside each, ``sorted(os.walk(class_folder, followlinks=True))`` with each
+    folder's files sorted.
 
     Hidden files and folders and ``__MACOSX`` folders are ignored. Any other file whose extension is not an
     image extension is reported as invalid (so a stray ``notes.txt`` is not silently dropped), and so is an
     unreadable folder. Links are followed like ImageFolder does, except those leading back to the source
     folder or above it (loops), to anything inside it (listed at its own place already) or to a target
     already listed: those are listed in the source's ``warnings``. File names that are not UTF-8 are read
-    as they are and shown (``source`` column, messages) with their odd bytes as ``\\xNN``.
+    as they are and shown (``source`` column, messages) with their odd bytes as ``\xNN``.
 
     Raises :class:`ConversionError` when ``root`` is not a readable folder, holds no class folder, a class
     folder is a link that is not followed, or a class folder holds no files.

@@ -31,10 +31,11 @@ _HOMES = {LABEL_NAMES_KEY: "label", METADATA_KEY: RECORD_FIELD}
 
 
 def migrate(uri: str | os.PathLike, *, storage_options: dict[str, str] | None = None) -> int | None:
-    """Move ``label_names`` and ``lance_cookbook`` from the schema metadata of the dataset at ``uri`` to the
-    ``label`` and ``image`` fields, and drop every other schema-level key too (LanceDB panics on any), in one
-    ``UpdateConfig`` commit. Returns the new version, or ``None`` when there was no schema metadata (nothing
-    committed: running it twice is safe).
+    """Move ``label_names`` and ``lance_cookbook`` off the schema metadata of the dataset at ``uri``.
+
+    They move to the ``label`` and ``image`` fields, and every other schema-level key is dropped too
+    (LanceDB panics on any), in one ``UpdateConfig`` commit. Returns the new version, or ``None`` when
+    there was no schema metadata (nothing committed: running it twice is safe).
 
     Raises :class:`lance_cookbook.DatasetNotFound` when ``uri`` holds no dataset; ``ValueError`` when a key
     must move to a field the dataset does not have; a concurrent writer's commit makes Lance retry or raise.
@@ -61,6 +62,10 @@ def migrate(uri: str | os.PathLike, *, storage_options: dict[str, str] | None = 
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line: migrate each URI in turn.
+
+    Returns 0 when all are done, 2 at the first that fails (one line on stderr; the rest are not tried).
+    """
     parser = argparse.ArgumentParser(prog="python -m data_prep.migrate", description=__doc__.split("\n\n")[0])
     parser.add_argument("uris", nargs="+", metavar="URI", help="Lance datasets written by data_prep.convert")
     args = parser.parse_args(argv)

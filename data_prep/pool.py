@@ -51,14 +51,18 @@ Checked = tuple[Record, bytes | None, tuple[int, int] | InvalidImage]
 
 
 def _items(records: list[Record]) -> list[str | bytes]:
-    """What :func:`data_prep.check.check_items` reads and checks for ``records``: a path or the bytes of
-    each record that is not already known to be unusable."""
+    """What :func:`data_prep.check.check_items` reads and checks for ``records``.
+
+    A path or the bytes of each record that is not already known to be unusable.
+    """
     return [r.path if r.data is None else r.data for r in records if not r.problem]
 
 
 def _merge(records: list[Record], results: list) -> Iterator[Checked]:
-    """``(record, data, (width, height) | InvalidImage)`` per record, from
-    ``check_items(_items(records))``."""
+    """``(record, data, (width, height) | InvalidImage)`` per record.
+
+    ``results`` is ``check_items(_items(records))``.
+    """
     it = iter(results)
     for record in records:
         if record.problem:
@@ -73,15 +77,20 @@ def _merge(records: list[Record], results: list) -> Iterator[Checked]:
 
 
 def checked_records(records: list[Record]) -> list[Checked]:
-    """Read and check ``records`` in this thread (the thread and Ray paths; CheckPool does the same in
-    worker processes)."""
+    """Read and check ``records`` in this thread.
+
+    Used by the thread and Ray paths; CheckPool does the same in worker processes.
+    """
     return list(_merge(records, check_items(_items(records))))
 
 
 def batched(records: Iterable[Record], rows: int, nbytes: int) -> Iterator[list[Record]]:
-    """``records`` in order, in lists of at most ``rows`` records and ``nbytes`` bytes of images (each
-    record's bytes, or its file's size; a record larger than ``nbytes`` alone). Records are taken from the
-    source one list at a time, so only one list's images are in memory here."""
+    """``records`` in order, in lists of at most ``rows`` records and ``nbytes`` bytes of images.
+
+    The bytes counted are each record's bytes, or its file's size; a record larger than ``nbytes`` is in a
+    list alone. Records are taken from the source one list at a time, so only one list's images are in
+    memory here.
+    """
     batch: list[Record] = []
     size = 0
     for record in records:
@@ -243,10 +252,12 @@ FORKSERVER_PRELOAD = ["data_prep.pool"]
 
 
 def start_context() -> multiprocessing.context.BaseContext:
-    """The start method of checking workers: ``forkserver`` where the platform has it, else ``spawn``
-    (:func:`lance_cookbook.recipe.start_method.lance_safe_context`). A spawned worker imports PIL and
+    """The start method of checking workers: ``forkserver`` where the platform has it, else ``spawn``.
+
+    See :func:`lance_cookbook.recipe.start_method.lance_safe_context`. A spawned worker imports PIL and
     the caller's ``__main__`` again (~0.15 s of CPU each, a tenth of a 20,000-image conversion on 2
-    cores); a forked one starts in milliseconds from a server that has them already."""
+    cores); a forked one starts in milliseconds from a server that has them already.
+    """
     return lance_safe_context(FORKSERVER_PRELOAD)
 
 
@@ -258,9 +269,11 @@ def checked_batches(
     expected: int | None,
     batch_bytes: int = BATCH_BYTES,
 ) -> tuple[Iterator[Iterator[Checked]], CheckPool | None]:
-    """``records`` cut into batches of at most ``batch_rows`` records and ``batch_bytes`` bytes of images
-    (:func:`batched`) and checked in parallel: per batch an iterator over its checked records, in source
-    order, and the :class:`CheckPool` doing it (None: threads), for the caller to :meth:`~CheckPool.close`.
+    """``records`` cut into batches and checked in parallel.
+
+    Batches hold at most ``batch_rows`` records and ``batch_bytes`` bytes of images (:func:`batched`).
+    Returns per batch an iterator over its checked records, in source order, and the :class:`CheckPool`
+    doing it (None: threads), for the caller to :meth:`~CheckPool.close`.
     The images held here stay bounded: threads check a batch once the caller has taken the previous one,
     worker processes at most ``IN_FLIGHT_PER_WORKER`` chunks of ``CHECK_CHUNK_BYTES`` each.
 

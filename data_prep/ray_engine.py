@@ -52,8 +52,10 @@ FRAGMENT_BYTES = 256 * 1024 * 1024
 
 
 def _check_block(records: list[Record], settings: dict) -> tuple[list[Any], pa.RecordBatch]:
-    """Check ``records`` with the driver's PIL ``settings`` (:func:`data_prep.check.pil_settings`: its pixel
-    limit, so a node accepts what the local path would); return ``(outcomes, valid_rows)``.
+    """Check ``records`` with the driver's PIL ``settings``; return ``(outcomes, valid_rows)``.
+
+    ``settings`` is :func:`data_prep.check.pil_settings`: its pixel limit, so a node accepts what the local
+    path would.
 
     ``outcomes[i]`` is ``(label, n_bytes)`` for a valid record and ``(where, reason)`` strings for an invalid
     one; ``valid_rows`` holds the valid records in order (``id`` is set later by the writer).
@@ -105,9 +107,11 @@ def _write_rows(
 
 
 def _address_answers(address: str, timeout_s: float, named_by: str = "RAY_ADDRESS") -> None:
-    """Raise :class:`ConversionError` unless something accepts a TCP connection at ``address`` within
-    ``timeout_s``: ``ray.init`` retries an address with no cluster for ten minutes and more (ray#22413).
-    ``named_by``: where the address came from, for the message."""
+    """Raise :class:`ConversionError` unless something accepts a TCP connection at ``address`` in time.
+
+    The time is ``timeout_s``: ``ray.init`` retries an address with no cluster for ten minutes and more
+    (ray#22413). ``named_by``: where the address came from, for the message.
+    """
     host, _, port = address.split("://", 1)[-1].rpartition(":")
     what = f"no Ray cluster answers at {address} ({named_by})"
     todo = (
@@ -125,10 +129,13 @@ def _address_answers(address: str, timeout_s: float, named_by: str = "RAY_ADDRES
 
 
 def _auto_address() -> str | None:
-    """The address ``RAY_ADDRESS=auto`` means to Ray: the ``ray_current_cluster`` file that the last
-    ``ray start --head`` of this machine wrote in Ray's temp dir (``ray/`` under ``$RAY_TMPDIR``,
-    ``$TMPDIR`` or ``/tmp``; read with Ray's own ``ray._private.utils.read_ray_address``); ``None`` if
-    there is none, or if this Ray has no such function (Ray then decides)."""
+    """The address ``RAY_ADDRESS=auto`` means to Ray.
+
+    It is in the ``ray_current_cluster`` file that the last ``ray start --head`` of this machine wrote in
+    Ray's temp dir (``ray/`` under ``$RAY_TMPDIR``, ``$TMPDIR`` or ``/tmp``; read with Ray's own
+    ``ray._private.utils.read_ray_address``); ``None`` if there is none, or if this Ray has no such
+    function (Ray then decides).
+    """
     try:
         from ray._private.utils import read_ray_address
     except ImportError:
@@ -198,8 +205,9 @@ TOKEN_HINT = f"; token authentication is on here: the token found ({TOKEN_PLACES
 
 
 def _token_auth_as_the_head_would() -> bool:
-    """Turn Ray's token authentication on for this driver when ``RAY_AUTH_MODE`` is unset and this machine
-    has a token, as ``ray start --head`` does for the head (Ray's own
+    """Turn Ray's token authentication on for this driver as ``ray start --head`` does for the head.
+
+    That is when ``RAY_AUTH_MODE`` is unset and this machine has a token (Ray's own
     ``maybe_enable_token_auth_if_token_available``: it sets ``RAY_AUTH_MODE=token`` in this process's
     environment); return whether token authentication is on. A cluster without authentication ignores the
     token. An explicit ``RAY_AUTH_MODE`` is left as it is; a Ray without token authentication: False.
@@ -269,9 +277,11 @@ def write_fragments_ray(
 
 
 def _checked_in_order(blocks: Iterator[list[Record]], max_in_flight: int) -> Iterator[tuple]:
-    """``(records, outcomes_ref, rows_ref)`` of a ``_check_block`` task per block, in source order, with at
-    most ``max_in_flight`` tasks started ahead; closing it cancels the tasks not yet yielded (blocks past
-    ``max_rows``, or after a failure)."""
+    """``(records, outcomes_ref, rows_ref)`` of a ``_check_block`` task per block, in source order.
+
+    At most ``max_in_flight`` tasks are started ahead; closing it cancels the tasks not yet yielded (blocks
+    past ``max_rows``, or after a failure).
+    """
     import ray
 
     check = ray.remote(_check_block).options(num_returns=2)
@@ -292,8 +302,11 @@ def _checked_in_order(blocks: Iterator[list[Record]], max_in_flight: int) -> Ite
 def _count(
     outcomes: list[Any], written: Written, max_rows: int | None, skip_invalid: bool, progress: Any
 ) -> tuple[int, int]:
-    """Count one block's valid rows into ``written``, up to ``max_rows`` in all (an invalid one is raised or
-    skipped: :meth:`Written.skip`); return how many rows of the block to write and their image bytes."""
+    """Count one block's valid rows into ``written``, up to ``max_rows`` in all.
+
+    An invalid one is raised or skipped (:meth:`Written.skip`). Returns how many rows of the block to write
+    and their image bytes.
+    """
     taken = taken_bytes = 0
     for outcome in outcomes:
         if isinstance(outcome[0], str):
@@ -310,9 +323,11 @@ def _count(
 
 @dataclass
 class _Writers:
-    """The ``_write_rows`` tasks of a conversion, in source order: the valid rows of consecutive blocks are
-    grouped until ``rows_per_file`` rows or ``fragment_bytes`` of images, then written by one task, with at
-    most ``max_in_flight`` tasks unfinished."""
+    """The ``_write_rows`` tasks of a conversion, in source order.
+
+    The valid rows of consecutive blocks are grouped until ``rows_per_file`` rows or ``fragment_bytes`` of
+    images, then written by one task, with at most ``max_in_flight`` tasks unfinished.
+    """
 
     target: str
     mode: str
@@ -364,8 +379,11 @@ class _Writers:
         return [fragment for fragments in ray.get(self.tasks) for fragment in fragments]
 
     def cancel(self) -> None:
-        """Cancel every task and wait (up to 120 s) until none runs: a cancelled write may still be running,
-        and nothing may land in ``target`` after a failed conversion returns."""
+        """Cancel every task and wait (up to 120 s) until none runs.
+
+        A cancelled write may still be running, and nothing may land in ``target`` after a failed conversion
+        returns.
+        """
         import ray
 
         for ref in self.tasks:

@@ -1,5 +1,7 @@
-"""What a conversion produced: :class:`Written`, counted while its rows are written, and :class:`Summary`,
-what :func:`data_prep.convert.convert` returns after the commit.
+"""What a conversion produced: :class:`Written` and :class:`Summary`.
+
+:class:`Written` is counted while its rows are written; :class:`Summary` is what
+:func:`data_prep.convert.convert` returns after the commit.
 
 Neither loads Lance: the checking workers import the conversion's modules again.
 """
@@ -56,9 +58,12 @@ class Written:
 
 @dataclass
 class Summary:
-    """What a conversion wrote: ``rows`` and ``classes`` at ``output`` (dataset ``version``), the bytes of
-    the images and (local output) on disk, and ``seconds`` it took; ``skipped`` lists invalid images passed
-    over, ``unlabelled`` counts rows with label -1, ``warnings`` the source's notes (links not followed)."""
+    """What a conversion wrote.
+
+    ``rows`` and ``classes`` at ``output`` (dataset ``version``), the bytes of the images and (local output)
+    on disk, and ``seconds`` it took; ``skipped`` lists invalid images passed over, ``unlabelled`` counts
+    rows with label -1, ``warnings`` the source's notes (links not followed).
+    """
 
     output: str
     rows: int
@@ -73,11 +78,15 @@ class Summary:
 
     @property
     def images_per_s(self) -> float:
+        """Rows written per second (``inf`` when ``seconds`` is 0)."""
         return self.rows / self.seconds if self.seconds > 0 else float("inf")
 
     def __str__(self) -> str:
-        """The summary as printed: names of files, the output and the source's notes shown with
-        :func:`~data_prep.sources.printable`, so no control character reaches the terminal (bat#3691)."""
+        """The summary as printed.
+
+        Names of files, the output and the source's notes are shown with :func:`~data_prep.sources.printable`,
+        so no control character reaches the terminal (bat#3691).
+        """
         disk = f", {self.disk_bytes / 1e6:,.1f} MB on disk" if self.disk_bytes is not None else ""
         line = (
             f"wrote {printable(self.output)} (version {self.version}): {self.rows:,} rows, "

@@ -67,8 +67,9 @@ class Source:
 
 
 def permutation(n: int, seed: int) -> Sequence[int]:
-    """The order ``--shuffle SEED`` writes ``n`` records in: ``numpy.random.default_rng(seed).permutation(n)``
-    (an array of positions in source order).
+    """The order ``--shuffle SEED`` writes ``n`` records in.
+
+    It is ``numpy.random.default_rng(seed).permutation(n)`` (an array of positions in source order).
 
     Only positions are permuted (8 bytes a record); the images are read in that order afterwards, a batch
     at a time, so memory does not grow with the images' size.
@@ -133,11 +134,11 @@ _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 
 def printable(text: str) -> str:
-    """``text`` safe to print on one line of a terminal, and valid UTF-8.
+    r"""``text`` safe to print on one line of a terminal, and valid UTF-8.
 
     The bytes of a file name that is not UTF-8 (which ``os.fsdecode`` turned into lone surrogates) are
-    written ``\\xNN``, as Python's ``backslashreplace`` does; so are control characters (C0, DEL and C1:
-    ESC as ``\\x1b``, CR as ``\\r`` ...), which a terminal would act on (bat#3691). Idempotent: what it
+    written ``\xNN``, as Python's ``backslashreplace`` does; so are control characters (C0, DEL and C1:
+    ESC as ``\x1b``, CR as ``\r`` ...), which a terminal would act on (bat#3691). Idempotent: what it
     returns holds no character it escapes. Every message of the conversion that names a file goes through it.
     """
     if text.isprintable():  # the usual name: no control character, no lone surrogate

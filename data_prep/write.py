@@ -181,9 +181,12 @@ def store_error(uri: str, error: BaseException, doing: str) -> ConversionError |
 
 
 def dataset_exists(uri: str, storage_options: dict[str, str] | None) -> bool:
-    """Whether ``uri`` holds a Lance dataset; a store that refuses (no bucket, bad credentials, a scheme Lance
-    has no store for) raises :class:`ConversionError` naming it rather than counting as "no dataset", and so
-    does an endpoint that accepts a connection and never answers (Lance would retry it for minutes)."""
+    """Whether ``uri`` holds a Lance dataset.
+
+    A store that refuses (no bucket, bad credentials, a scheme Lance has no store for) raises
+    :class:`ConversionError` naming it rather than counting as "no dataset", and so does an endpoint that
+    accepts a connection and never answers (Lance would retry it for minutes).
+    """
     silent = silent_endpoint_reason(storage_options)
     if silent:
         raise ConversionError(f"cannot open {uri}: {silent}")
@@ -247,6 +250,7 @@ class Destination:
 
     def commit(self, fragments: list[FragmentMetadata], metadata: dict[str, dict[bytes, bytes]], rows: int):
         """Make ``fragments`` the dataset's new version in one commit; return the dataset, read back.
+
         ``metadata`` maps field names to that field's metadata (:func:`dataset_metadata`).
 
         Every data file must be visible from here first: a Ray task whose path meant another folder (a
@@ -289,8 +293,11 @@ class Destination:
         return ds
 
     def abandon(self) -> list[str]:
-        """Undo an uncommitted write: remove the staging folder and the folders made for it, or delete the
-        files written under an existing dataset or on object storage. Returns what could not be deleted."""
+        """Undo an uncommitted write.
+
+        Removes the staging folder and the folders made for it, or deletes the files written under an
+        existing dataset or on object storage. Returns what could not be deleted.
+        """
         if self.staging is not None:
             shutil.rmtree(self.staging, ignore_errors=True)
         for folder in self.made:  # deepest first
@@ -315,9 +322,12 @@ class Destination:
 
 
 def dataset_metadata(label_names: list[str], info: dict) -> dict[str, dict[bytes, bytes]]:
-    """The field metadata of a converted dataset, by field name: the class names on the ``label`` field
-    (``label_names``, a JSON list, read by :func:`lance_cookbook.label_names`) and what the conversion did on
-    the ``image`` field (``lance_cookbook``, a JSON object, read by :func:`conversion_record`)."""
+    """The field metadata of a converted dataset, by field name.
+
+    The class names on the ``label`` field (``label_names``, a JSON list, read by
+    :func:`lance_cookbook.label_names`) and what the conversion did on the ``image`` field
+    (``lance_cookbook``, a JSON object, read by :func:`conversion_record`).
+    """
     return {
         "label": {LABEL_NAMES_KEY: json.dumps(label_names).encode()},
         RECORD_FIELD: {METADATA_KEY: json.dumps(info).encode()},
@@ -329,10 +339,12 @@ def _schema_with(metadata: dict[str, dict[bytes, bytes]]) -> pa.Schema:
 
 
 def conversion_record(ds: lance.LanceDataset) -> dict:
-    """What the conversion of ``ds`` did (rows skipped, unlabelled, warnings, shuffle): the JSON object stored
-    under ``lance_cookbook`` on the ``image`` field, or in the schema metadata of a dataset converted before
-    that moved (see :mod:`data_prep.migrate`); ``{}`` when there is none. Raises ``json.JSONDecodeError`` when
-    the stored value is not JSON."""
+    """What the conversion of ``ds`` did (rows skipped, unlabelled, warnings, shuffle).
+
+    The JSON object stored under ``lance_cookbook`` on the ``image`` field, or in the schema metadata of a
+    dataset converted before that moved (see :mod:`data_prep.migrate`); ``{}`` when there is none. Raises
+    ``json.JSONDecodeError`` when the stored value is not JSON.
+    """
     from lance_cookbook.recipe.dataset import stored_metadata
 
     raw = stored_metadata(ds.schema, RECORD_FIELD, METADATA_KEY)
