@@ -44,6 +44,7 @@ _EXPORTS = {
     "ResumableDistributedSampler": "recipe.sampler",
     "ResumableSampler": "recipe.sampler",
     "ShardSampler": "recipe.sampler",
+    "WeightedResumableSampler": "recipe.weighted_sampler",
 }
 
 __all__ = [
@@ -63,6 +64,7 @@ __all__ = [
     "Rows",
     "ShardSampler",
     "SmallCNN",
+    "WeightedResumableSampler",
     "build_model",
     "check_start_method",
     "default_data_dir",
@@ -95,6 +97,7 @@ if TYPE_CHECKING:  # what type checkers, IDEs and linters see; never runs
     from .recipe.meters import DataWaitMeter
     from .recipe.sampler import ResumableDistributedSampler, ResumableSampler, ShardSampler
     from .recipe.start_method import check_start_method
+    from .recipe.weighted_sampler import WeightedResumableSampler
     from .training.models import SmallCNN, build_model
 
 
