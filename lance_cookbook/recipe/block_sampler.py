@@ -56,8 +56,7 @@ class BlockShuffleSampler(ResumableSampler):
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
-        self.block_size = block_size
-        self.window = window
+        self.block_size, self.window = block_size, window
 
     def block_order(self) -> torch.Tensor:
         """Return the epoch's rows in block order, int64 ``[total_size]``; rank ``r`` reads slice ``r``."""

@@ -1,7 +1,4 @@
-"""Decode a batch of stored image bytes into tensors inside the DataLoader workers (docs/training.md).
-
-Decoders: :mod:`.decode`; the hand-over: :mod:`.handover`; figures: docs/benchmark.md, "Where the time goes".
-"""
+"""Decode stored image bytes into a batch in the DataLoader workers (docs/training.md; docs/benchmark.md)."""
 
 from __future__ import annotations
 
@@ -43,11 +40,9 @@ def augment_seed(seed: int, epoch: int, position: int) -> int:
 
 @contextlib.contextmanager
 def _seeded(seed: int | None):  # draw from a generator seeded with seed (None: the process's, unchanged)
-    if seed is None:
-        yield
-        return
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with torch.random.fork_rng(devices=[], enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
         yield
 
 
@@ -88,8 +83,7 @@ class ImageCollate:
         ``RandomResizedCrop`` + flip, seeded by the row's ``AUGMENT_SEED`` if any (:func:`augment_seed`);
         else shorter side to ``floor(size / crop_fraction)``, then a centre crop.
     decoder : {"pil", "torchvision"}
-        ``"torchvision"``: :func:`.decode.decode_batch` and uint8 tensor resizes; ``"pil"``: PIL per image.
-        Both give ``ImageFolder``'s pixels within 2 of 255 levels, save for 16-bit samples.
+        :func:`.decode.decode_batch` and uint8 tensor resizes, or PIL per image (docs/training.md).
     dtype : {torch.float32, torch.uint8}
         float32 in [0, 1], or uint8 (4x fewer bytes between processes; finish with ``to_device``).
     on_error : {"raise", "skip"}
@@ -107,10 +101,8 @@ class ImageCollate:
 
     Raises
     ------
-    ValueError
-        Bad arguments at construction.
-    DecodeError
-        Bytes that do not decode (``on_error="raise"``), or no decodable row in the batch.
+    ValueError, DecodeError
+        Bad arguments at construction; bytes that do not decode (``on_error="raise"``) or no decodable row.
     """
 
     def __init__(

@@ -42,10 +42,8 @@ def to_device(
 
     Raises
     ------
-    TypeError
-        Images neither uint8 nor floating point.
-    ValueError
-        Only one of ``mean`` and ``std``.
+    TypeError, ValueError
+        Images neither uint8 nor floating point; only one of ``mean`` and ``std``.
     """
     images, labels = batch
     images = images.to(device, non_blocking=non_blocking)

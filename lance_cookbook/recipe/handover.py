@@ -1,7 +1,4 @@
-"""Hand a decoded batch from a DataLoader worker to the main process: large ones through shared memory.
-
-A small one goes by value through the pipe, where a shared-memory descriptor costs a round trip per tensor.
-"""
+"""Hand a decoded batch from a worker to the main process: small by value, large through shared memory."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The recommended DataLoader over Lance: batched reads, forkserver workers, decode in the collate."""
+"""The recommended DataLoader over Lance: batched reads, forkserver workers, decoding (docs/training.md)."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ class WorkerInit:
     """``worker_init_fn`` of :func:`make_loader`'s workers; then calls the caller's ``worker_init_fn``.
 
     A worker ends with the process that started it, uses its sharing strategy (read when pickled, as the
-    workers start) and ignores SIGINT; why: docs/training.md, "Why the recipe's workers ...".
+    workers start) and ignores SIGINT; why: docs/training.md, "Why the recipe does X".
     """
 
     def __init__(self, worker_init_fn: Callable[[int], Any] | None = None):
@@ -76,8 +76,7 @@ class _Pass:
     """One pass over the persistent workers; marks the loader busy until exhausted or dropped."""
 
     def __init__(self, loader: ReentrantDataLoader, iterator: Any):
-        self._loader = loader
-        self._iterator = iterator
+        self._loader, self._iterator = loader, iterator
         loader._pass_running = True
 
     def __iter__(self) -> _Pass:
@@ -110,6 +109,7 @@ def make_loader(
     shuffle: bool = False,
     collate_fn: Any = None,
     pin_memory: bool | None = None,
+    filter: str | None = None,
     version: int | str | None = None,
     storage_options: dict[str, str] | None = None,
     columns: list[str] | tuple[str, ...] | None | str = "auto",
@@ -118,8 +118,6 @@ def make_loader(
     **dataloader_kwargs: Any,
 ) -> DataLoader:
     """Build the recommended ``DataLoader`` over a Lance dataset: one ``take`` a batch, decode in the workers.
-
-    What it adds to a ``DataLoader``, and why: docs/training.md.
 
     Parameters
     ----------
@@ -132,10 +130,10 @@ def make_loader(
         Default :func:`default_workers` (0: read in this process) and ``torch.cuda.is_available()``.
     collate_fn : callable, optional
         Default ``ImageCollate(224, decoder="torchvision", dtype=torch.uint8)``; finish with ``to_device``.
-    version, storage_options : optional
-        With a URI: the version every worker reads (default the latest, pinned now), the store's options.
-    columns : list of str, None or "auto"
-        With a URI: what each batch reads; ``"auto"``: the collate's ``columns`` (else all), ``None``: all.
+    filter, version, storage_options, columns : optional
+        With a URI: :func:`.open_dataset`'s SQL ``filter``, the version (number or tag) every worker reads
+        (default the latest, pinned now), the store's options, the columns each batch reads (``"auto"``: the
+        collate's ``columns``, else all; ``None``: all).
     multiprocessing_context, persistent_workers : optional
         Default forkserver (spawn where missing; ``"fork"`` is refused, lance#3640) and ``True``.
     **dataloader_kwargs
@@ -151,12 +149,12 @@ def make_loader(
     DatasetNotFound, KeyError, TypeError
         No readable dataset (or version) at the URI; a column it lacks; ``columns`` not a list of names.
     ValueError
-        ``version``, ``storage_options`` or ``columns`` with a dataset; ``shuffle`` with a sampler;
-        ``num_workers < 0``; ``persistent_workers`` without workers; the ``fork`` start method.
+        ``filter``, ``version``, ``storage_options`` or ``columns`` with a dataset; ``shuffle`` with a
+        sampler; ``num_workers < 0``; ``persistent_workers`` without workers; the ``fork`` start method.
     """
     if collate_fn is None:
         collate_fn = ImageCollate(224, decoder="torchvision", dtype=torch.uint8)
-    dataset = _dataset(uri_or_dataset, version, storage_options, columns, collate_fn)
+    dataset = _dataset(uri_or_dataset, filter, version, storage_options, columns, collate_fn)
     if sampler is not None and shuffle:
         raise ValueError("shuffle=True conflicts with a sampler: the sampler decides the order")
     num_workers = default_workers() if num_workers is None else num_workers
@@ -171,10 +169,9 @@ def make_loader(
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
     )
     if num_workers > 0:
-        if multiprocessing_context is None:
-            kwargs["multiprocessing_context"] = lance_safe_context(LOADER_PRELOAD)
-        else:
-            kwargs["multiprocessing_context"] = check_start_method(multiprocessing_context)
+        context = multiprocessing_context
+        safe = lance_safe_context(LOADER_PRELOAD) if context is None else check_start_method(context)
+        kwargs["multiprocessing_context"] = safe
         kwargs["persistent_workers"] = True if persistent_workers is None else persistent_workers
         kwargs["worker_init_fn"] = WorkerInit(dataloader_kwargs.pop("worker_init_fn", None))
     elif persistent_workers:
@@ -182,19 +179,15 @@ def make_loader(
     return ReentrantDataLoader(dataset, **{**kwargs, **dataloader_kwargs})
 
 
-def _dataset(
-    uri_or_dataset: Any, version: Any, storage_options: Any, columns: Any, collate_fn: Any
-) -> Dataset:
-    """Open a URI with ``version``, ``storage_options`` and ``columns``; refuse them with a dataset."""
-    if not isinstance(uri_or_dataset, (str, os.PathLike)):
-        if version is not None or storage_options or columns != "auto":
-            raise ValueError(
-                "version, storage_options and columns apply to a URI; open the dataset with them instead"
-            )
-        return uri_or_dataset
+def _dataset(source: Any, filter: Any, version: Any, options: Any, columns: Any, collate_fn: Any) -> Dataset:
+    """Open a URI with ``filter``, ``version``, storage ``options`` and ``columns``; refuse them otherwise."""
+    if not isinstance(source, (str, os.PathLike)):
+        if filter is not None or version is not None or options or columns != "auto":
+            raise ValueError("filter, version, storage_options and columns apply to a URI, not to a dataset")
+        return source
     if columns == "auto":
         columns = getattr(collate_fn, "columns", None)
     names = isinstance(columns, (list, tuple)) and all(isinstance(c, str) for c in columns)
     if not (columns is None or names):
         raise TypeError(f"columns takes a list of column names, not {columns!r}")
-    return open_dataset(uri_or_dataset, version=version, storage_options=storage_options, columns=columns)
+    return open_dataset(source, filter=filter, version=version, storage_options=options, columns=columns)

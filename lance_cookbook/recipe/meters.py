@@ -39,13 +39,9 @@ class DataWaitMeter:
 
     def wrap(self, batches: Iterable[T]) -> Iterator[T]:
         """Yield the items of ``batches`` unchanged, timing each wait and step (a ``break`` keeps them)."""
-        iterator = iter(batches)
+        iterator = iter(batches)  # before the clock starts: a DataLoader starts its workers here
         start = time.perf_counter()
-        while True:
-            try:
-                batch = next(iterator)
-            except StopIteration:
-                return
+        for batch in iterator:
             ready = time.perf_counter()
             yield batch
             end = time.perf_counter()  # the body ran between the yield and this line

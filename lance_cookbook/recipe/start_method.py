@@ -30,9 +30,7 @@ def check_start_method(context: str | Any) -> Any:
     ctx = multiprocessing.get_context(context) if isinstance(context, str) or context is None else context
     if ctx.get_start_method() == "fork":
         raise ValueError(
-            "the 'fork' start method is not safe with Lance (a forked worker inherits the Lance runtime's "
-            "threads and locks and can deadlock or segfault); use multiprocessing_context='forkserver' "
-            "(default where the platform has it) or 'spawn'"
+            "the 'fork' start method is not safe with Lance (lance#3640): use 'forkserver' or 'spawn'"
         )
     return ctx
 

@@ -40,9 +40,8 @@ def store_error_reason(uri: str, error: BaseException) -> str | None:
         bucket = re.search(r"<BucketName>([^<]+)</BucketName>", text)
         name = bucket.group(1) if bucket else uri.split("://", 1)[-1].split("/", 1)[0]
         message = re.search(r"<Message>([^<]+)</Message>", text)
-        default = f"the store refused the request: {code.group(1)}" + (
-            f" ({message.group(1)})" if message else ""
-        )
+        detail = f" ({message.group(1)})" if message else ""
+        default = f"the store refused the request: {code.group(1)}{detail}"
         return _S3_CODES.get(code.group(1), default).format(bucket=name)
     if "HTTP error: builder error" in text and "http://" in text:
         return "the endpoint is http:// (no TLS): set the storage option allow_http=true to allow it"
