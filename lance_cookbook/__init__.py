@@ -25,12 +25,14 @@ _EXPORTS = {
     "default_data_dir": "data",
     "DatasetNotFound": "recipe.dataset",
     "EmptyDataset": "recipe.dataset",
+    "InvalidFilter": "recipe.dataset",
     "LanceImageDataset": "recipe.dataset",
     "Rows": "recipe.dataset",
     "dataset_options": "recipe.dataset",
     "label_names": "recipe.dataset",
     "latest_version": "recipe.dataset",
     "open_dataset": "recipe.dataset",
+    "resolve_version": "recipe.dataset",
     "IMAGENET_MEAN": "recipe.device",
     "IMAGENET_STD": "recipe.device",
     "to_device": "recipe.device",
@@ -57,6 +59,7 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "ImageCollate",
+    "InvalidFilter",
     "LanceImageDataset",
     "ReentrantDataLoader",
     "ResumableDistributedSampler",
@@ -74,6 +77,7 @@ __all__ = [
     "latest_version",
     "make_loader",
     "open_dataset",
+    "resolve_version",
     "to_device",
 ]
 
@@ -84,12 +88,14 @@ if TYPE_CHECKING:  # what type checkers, IDEs and linters see; never runs
     from .recipe.dataset import (
         DatasetNotFound,
         EmptyDataset,
+        InvalidFilter,
         LanceImageDataset,
         Rows,
         dataset_options,
         label_names,
         latest_version,
         open_dataset,
+        resolve_version,
     )
     from .recipe.device import IMAGENET_MEAN, IMAGENET_STD, to_device
     from .recipe.handover import Batch
