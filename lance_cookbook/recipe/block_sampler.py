@@ -7,6 +7,7 @@ what it needs of the data: docs/training.md, "Block-shuffled reads".
 from __future__ import annotations
 
 from collections.abc import Sized
+from typing import Any
 
 import torch
 
@@ -39,19 +40,8 @@ class BlockShuffleSampler(ResumableSampler):
 
     _order_keys = (*ResumableSampler._order_keys, "block_size", "window")
 
-    def __init__(
-        self,
-        dataset: Sized,
-        num_replicas: int | None = None,
-        rank: int | None = None,
-        shuffle: bool = True,
-        seed: int = 0,
-        drop_last: bool = False,
-        *,
-        block_size: int = 64,
-        window: int = 2,
-    ):
-        super().__init__(dataset, num_replicas, rank, shuffle, seed, drop_last)
+    def __init__(self, dataset: Sized, *args: Any, block_size: int = 64, window: int = 2, **kwargs: Any):
+        super().__init__(dataset, *args, **kwargs)  # DistributedSampler's arguments, in its order
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         if window < 1:
