@@ -1,6 +1,6 @@
 """ImageCollate: shapes, dtypes, both decoders, both modes, non-RGB inputs, errors that name the row.
 
-That both decoders give ImageFolder's pixels for every accepted format is tests/test_decoders.py."""
+That both decoders give ImageFolder's pixels for every accepted format is tests/test_decode.py."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def mixed_blobs() -> list[bytes]:
         encode(im.convert("P"), "PNG"),  # palette
         encode(im.convert("L"), "PNG"),
         encode(im, "WEBP"),
-        encode(im, "BMP"),  # torchvision cannot decode BMP: PIL fallback
+        encode(im, "BMP"),  # TorchCodec cannot decode BMP: PIL fallback
         encode(im.convert("P"), "GIF"),
     ]
 
@@ -113,7 +113,7 @@ def test_pil_decode_bomb_guard_is_on():
 @pytest.mark.parametrize("train", [False, True])
 def test_kernels_match_the_v2_transforms(train):
     """The torchvision path calls resize/crop/flip kernels directly: same pixels as the v2 pipeline."""
-    from torchvision.io import decode_jpeg
+    from torchcodec.decoders import decode_jpeg
     from torchvision.transforms import v2
 
     blobs = [encode(photo(i, (90, 70)), "JPEG") for i in range(4)]

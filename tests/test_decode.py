@@ -1,9 +1,11 @@
 """Both decoders of ImageCollate give the pixels torchvision's ImageFolder loader gives, for every format and
-mode the conversion accepts; 16-bit samples become round(v / 257) where that loader saturates them."""
+mode the conversion accepts; 16-bit samples become round(v / 257) where that loader saturates them. The tensor
+path decodes with TorchCodec, which always applies EXIF orientation where that loader ignores it."""
 
 from __future__ import annotations
 
 import struct
+import warnings
 import zlib
 from functools import lru_cache
 from pathlib import Path
@@ -18,6 +20,7 @@ from torchvision.datasets.folder import pil_loader
 from torchvision.transforms import v2
 
 from lance_cookbook import DecodeError, ImageCollate
+from lance_cookbook.recipe import decode
 
 SIZE = 16
 TOLERANCE = 2  # of 255 levels: libjpeg/libwebp builds and the PIL vs tensor resize may round differently
@@ -92,6 +95,34 @@ def ramp16(w: int, h: int, seed: int = 0) -> np.ndarray:
     """uint16 samples whose low byte is no guide to the value (v / 257 and v % 256 disagree)."""
     rng = np.random.default_rng(seed)
     return (rng.integers(0, 256, (h, w)) * 256 + 200).clip(0, 65535).astype(np.uint16)
+
+
+def exif_block(orientation: int, endian: str = "MM") -> bytes:
+    """A TIFF-formatted EXIF block (no ``Exif\\0\\0`` prefix) whose IFD0 holds one entry: the orientation."""
+    o = ">" if endian == "MM" else "<"
+    return (
+        endian.encode()
+        + struct.pack(o + "HI", 42, 8)
+        + struct.pack(o + "H", 1)
+        + struct.pack(o + "HHIHH", 0x0112, 3, 1, orientation, 0)
+        + struct.pack(o + "I", 0)
+    )
+
+
+def jpeg_segment(marker: int, body: bytes) -> bytes:
+    return bytes([0xFF, marker]) + struct.pack(">H", len(body) + 2) + body
+
+
+def png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def png_with_exif(png: bytes, exif: bytes, after_idat: bool = False) -> bytes:
+    """``png`` with an ``eXIf`` chunk just after IHDR, or just before IEND."""
+    at = (
+        len(png) - 12 if after_idat else 8 + 25
+    )  # IEND is the last 12 bytes; IHDR the first 25 after the magic
+    return png[:at] + png_chunk(b"eXIf", exif) + png[at:]
 
 
 # ------------------------------------------------------------------------------------------- the corpus
@@ -210,7 +241,7 @@ def test_decoders_match_the_imagefolder_loader(name, decoder, tmp_path):
 )
 def test_16_bit_samples_scaled_to_8_bits(name, decoder):
     """The case img-png16: the ImageFolder loader saturates 16-bit grey (pytorch/vision#2218) and
-    torchvision's decode_image keeps the low byte once cast; both decoders must give round(v / 257)."""
+    torchvision's decode_image kept the low byte once cast; both decoders must give round(v / 257)."""
     g16 = (np.arange(SIZE * SIZE, dtype=np.uint32) * 256 + 200).astype(np.uint16).reshape(SIZE, SIZE)
     rgb48 = np.stack([g16, g16[::-1], np.full_like(g16, 40000)], -1)
     samples = g16 if "grey" in name else rgb48
@@ -229,8 +260,8 @@ def test_16_bit_samples_scaled_to_8_bits(name, decoder):
 @pytest.mark.parametrize("decoder", DECODERS)
 @pytest.mark.parametrize("fmt", ["GIF", "WEBP"])
 def test_animated_image_gives_its_first_frame(fmt, decoder):
-    """The case img-gif-animated: torchvision's decode_image returns every frame of a GIF; the first one,
-    as the ImageFolder loader shows it, is the image."""
+    """The case img-gif-animated: TorchCodec's decode_image returns every frame of a GIF or WebP; the first
+    one, as the ImageFolder loader shows it, is the image."""
     first, second = (Image.new("RGB", (SIZE, SIZE), (v, v, v)) for v in (50, 220))
     kw = {"lossless": True} if fmt == "WEBP" else {}
     animated = encode(first, fmt, save_all=True, append_images=[second], duration=100, loop=0, **kw)
@@ -282,3 +313,90 @@ def test_every_format_converts_and_loads_like_imagefolder(tmp_path):
         assert err.max() <= TOLERANCE, {
             names[y]: e for y, e in zip(labels.tolist(), err.tolist(), strict=True) if e > TOLERANCE
         }
+
+
+# ------------------------------------------------------------------------- TorchCodec's EXIF orientation
+def oriented(fmt: str, orientation: int) -> bytes:
+    """A non-square photo whose EXIF says ``orientation`` (PIL writes a big-endian block)."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    kw = {"quality": 90} if fmt == "JPEG" else {"lossless": True} if fmt == "WEBP" else {}
+    return encode(photo(7, (37, 29)), fmt, exif=exif, **kw)
+
+
+def exif_variants() -> dict[str, bytes]:
+    """Where else EXIF sits: each says "rotate 90" (6), which the ImageFolder loader ignores. TorchCodec 0.17
+    reads only the first APP1 and only an eXIf before IDAT: the XMP-first and after-IDAT cases guard a later
+    release that reads more."""
+    jpeg = encode(photo(7, (37, 29)), "JPEG", quality=90)
+    exif = b"Exif\x00\x00" + exif_block(6)
+    xmp = b"http://ns.adobe.com/xap/1.0/\x00<x:xmpmeta/>"
+    png = encode(photo(7, (37, 29)), "PNG")
+    return {
+        "jpeg_little_endian": jpeg[:2] + jpeg_segment(0xE1, b"Exif\x00\x00" + exif_block(6, "II")) + jpeg[2:],
+        "jpeg_xmp_then_exif": jpeg[:2] + jpeg_segment(0xE1, xmp) + jpeg_segment(0xE1, exif) + jpeg[2:],
+        "jpeg_fill_bytes": jpeg[:2] + b"\xff\xff" + jpeg_segment(0xE1, exif) + jpeg[2:],
+        "png_exif_after_idat": png_with_exif(png, exif_block(6), after_idat=True),
+        "png_little_endian": png_with_exif(png, exif_block(6, "II")),
+    }
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+def test_exif_orientation_is_ignored_as_imagefolder_does(fmt, orientation, decoder, tmp_path):
+    """TorchCodec rotates and flips by EXIF (torchvision.io did not); the stored pixels are the image."""
+    data = oriented(fmt, orientation)
+    path = tmp_path / f"x.{fmt.lower()}"
+    path.write_bytes(data)
+    want = expected(Sample(path.name, data, None), path)
+    got = ImageCollate(size=SIZE, decoder=decoder, dtype=torch.uint8)(rows_of([data])).image[0]
+    assert (got.int() - want.int()).abs().max() <= TOLERANCE
+    stored = v2.functional.pil_to_tensor(pil_loader(str(path)))
+    assert torch.equal(decode.decode_one(data, decode.fast_path(data)), stored) or fmt == "JPEG"
+
+
+@pytest.mark.parametrize("name", sorted(exif_variants()))
+def test_exif_anywhere_torchcodec_reads_it_is_ignored(name, tmp_path):
+    data = exif_variants()[name]
+    path = tmp_path / ("x.jpg" if name.startswith("jpeg") else "x.png")
+    path.write_bytes(data)
+    want = v2.functional.pil_to_tensor(pil_loader(str(path)))
+    assert want.shape == (3, 29, 37)
+    got = decode.decode_batch([data])[0]
+    assert got.shape == want.shape and (got.int() - want.int()).abs().max() <= TOLERANCE
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_16_bit_png_with_exif_orientation(decoder):
+    """16-bit PNG goes to TorchCodec on both paths (PIL has no 16-bit colour mode): its EXIF is hidden too."""
+    rgb48 = np.stack([ramp16(SIZE, SIZE, 1), ramp16(SIZE, SIZE, 2), ramp16(SIZE, SIZE, 3)], -1)
+    rgb48[0, :] = 0  # a dark top row: a rotation or flip would move it
+    data = png_with_exif(png16(rgb48), exif_block(8))
+    got = ImageCollate(size=SIZE, decoder=decoder, dtype=torch.uint8, crop_fraction=1.0)(rows_of([data]))
+    assert torch.equal(got.image[0], torch.from_numpy(to_8_bits(rgb48)).permute(2, 0, 1))
+
+
+def test_exif_hiding_copies_only_what_holds_exif():
+    plain = encode(photo(1), "JPEG")
+    assert decode._without_exif(plain) is plain  # no APP1 marker bytes: no walk, no copy
+    assert decode._without_exif(oriented("JPEG", 6)) == decode._without_exif(oriented("JPEG", 1))
+    assert b"eXIf" not in decode._without_exif(oriented("PNG", 6))
+    assert b"EXIF" not in decode._without_exif(oriented("WEBP", 6))
+    # a JPEG that mentions APP1 but whose markers cannot be walked goes to PIL, which names its fault
+    assert decode._without_exif(JPEG_HEADER_THEN_JUNK) is None
+    with pytest.raises(DecodeError, match="broken.jpg"):
+        ImageCollate(size=SIZE, decoder="torchvision")(rows_of([JPEG_HEADER_THEN_JUNK], ["broken.jpg"]))
+
+
+JPEG_HEADER_THEN_JUNK = b"\xff\xd8\xff\xe1\x00\x08Exif" + b"\x00junk\xff\xe1"
+
+
+def test_no_deprecation_warning_from_decoding():
+    """torchvision 0.29 deprecates torchvision.io's decoders for TorchCodec's: the package calls none."""
+    blobs = [s.data for s in corpus().values()]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for decoder in DECODERS:
+            ImageCollate(size=SIZE, decoder=decoder, dtype=torch.uint8)(rows_of(blobs))
+    assert not [w for w in caught if issubclass(w.category, DeprecationWarning)]

@@ -83,7 +83,9 @@ class ImageCollate:
         ``RandomResizedCrop`` + flip, seeded by the row's ``AUGMENT_SEED`` if any (:func:`augment_seed`);
         else shorter side to ``floor(size / crop_fraction)``, then a centre crop.
     decoder : {"pil", "torchvision"}
-        :func:`.decode.decode_batch` and uint8 tensor resizes, or PIL per image (docs/training.md).
+        The tensor path: bytes decoded by TorchCodec (:func:`.decode.decode_batch`, PIL for the formats it
+        lacks), resized as uint8 tensors by torchvision.transforms.v2's kernels; or PIL per image
+        (docs/training.md). Both give the pixels of torchvision's ImageFolder loader.
     dtype : {torch.float32, torch.uint8}
         float32 in [0, 1], or uint8 (4x fewer bytes between processes; finish with ``to_device``).
     on_error : {"raise", "skip"}

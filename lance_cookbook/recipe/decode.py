@@ -1,6 +1,7 @@
 """Encoded bytes to uint8 RGB tensors with the pixels torchvision's ``ImageFolder`` loader gives.
 
-JPEG: one ``decode_jpeg`` call a batch; 8-bit PNG, still WebP: ``decode_image``; the rest: PIL.
+TorchCodec decodes JPEG (one ``decode_jpeg`` call a batch), PNG (8 and 16 bits) and still WebP; PIL the rest.
+TorchCodec always applies EXIF orientation, which that loader ignores: the EXIF block is hidden from it first.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import warnings
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.io import ImageReadMode, decode_image, decode_jpeg, decode_png
+from torchcodec.decoders import decode_image, decode_jpeg, decode_png
 from torchvision.transforms import v2
 
 __all__ = ["JPEG_MAGIC", "PNG_MAGIC", "decode_batch", "decode_one", "fast_path", "pil_to_rgb"]
@@ -29,6 +30,81 @@ _RAW_16_BIT = {"RGB;16L": "<u2", "RGB;16B": ">u2", "RGB;16N": "=u2", "RGBA;16L":
 
 def _png_bit_depth(data: bytes) -> int | None:  # from the IHDR chunk, always first; None if not a PNG
     return data[24] if data[:8] == PNG_MAGIC and len(data) > 24 else None
+
+
+def _cut(data: bytes, spans: list[tuple[int, int]]) -> bytes:
+    """Return ``data`` without the byte ranges ``spans`` (in order, not overlapping); ``data`` if none."""
+    if not spans:
+        return data
+    starts = [0] + [end for _, end in spans]
+    ends = [start for start, _ in spans] + [len(data)]
+    return b"".join(data[a:b] for a, b in zip(starts, ends, strict=True))
+
+
+def _jpeg_exif_spans(data: bytes) -> list[tuple[int, int]] | None:
+    """The APP1 segments before the first scan, where TorchCodec looks for EXIF; None: the walk fails."""
+    pos, spans = 2, []
+    while True:
+        if pos + 4 > len(data) or data[pos] != 0xFF:
+            return None  # no marker where one must be
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+        elif marker == 0xDA:  # start of scan: entropy-coded data follows
+            return spans
+        elif 0xD0 <= marker <= 0xD9 or marker == 0x01:  # markers without a length field
+            pos += 2
+        else:
+            end = pos + 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+            if marker == 0xE1:
+                spans.append((pos, end))
+            pos = end
+
+
+def _png_exif_spans(data: bytes) -> list[tuple[int, int]] | None:
+    """The ``eXIf`` chunks (ancillary: the PNG stays valid without them); None: a chunk overruns the data."""
+    pos, spans = 8, []
+    while pos + 8 <= len(data):
+        end = pos + 12 + int.from_bytes(data[pos : pos + 4], "big")  # length, type, data, CRC
+        if end > len(data):
+            return None
+        kind = data[pos + 4 : pos + 8]
+        if kind == b"eXIf":
+            spans.append((pos, end))
+        elif kind == b"IEND":
+            break
+        pos = end
+    return spans
+
+
+def _webp_without_exif(data: bytes) -> bytes:
+    """Rename the ``EXIF`` chunks to one WebP readers skip as unknown, so no size in the file changes."""
+    out, pos = bytearray(data), 12
+    while pos + 8 <= len(data):
+        size = int.from_bytes(data[pos + 4 : pos + 8], "little")
+        if pos + 8 + size > len(data):
+            break  # where TorchCodec's walk stops too
+        if data[pos : pos + 4] == b"EXIF":
+            out[pos : pos + 4] = b"exif"
+        pos += 8 + size + (size & 1)  # chunks are padded to an even size
+    return bytes(out)
+
+
+def _without_exif(data: bytes) -> bytes | None:
+    """Return ``data`` with its EXIF hidden from TorchCodec, which always applies EXIF orientation.
+
+    ``ImageFolder``'s loader (and ``torchvision.io``) ignore the orientation, so must we. ``data`` itself when
+    it holds no EXIF (one byte search); None when a JPEG or PNG that may hold some cannot be walked.
+    """
+    if data[:3] == JPEG_MAGIC:
+        spans = _jpeg_exif_spans(data) if b"\xff\xe1" in data else []
+    elif data[:8] == PNG_MAGIC:
+        spans = _png_exif_spans(data) if b"eXIf" in data else []
+    elif data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return _webp_without_exif(data) if b"EXIF" in data else data
+    else:
+        return data
+    return None if spans is None else _cut(data, spans)
 
 
 def _to_8_bits(samples: np.ndarray) -> np.ndarray:
@@ -61,11 +137,13 @@ def pil_to_rgb(data: bytes) -> Image.Image:
 
     First frame only; alpha dropped; EXIF orientation ignored. A 16-bit sample ``v`` becomes
     ``round(v / 257)``, where ``convert("RGB")`` saturates 16-bit grey to white (pytorch/vision#2218).
-    Raises what PIL (or ``decode_png``) raises for bytes it cannot decode.
+    Raises what PIL (or TorchCodec's ``decode_png``, for 16-bit PNG) raises for bytes it cannot decode.
     """
-    if _png_bit_depth(data) == 16:  # PIL has no 16-bit colour mode; libpng gives every sample
-        wide = decode_png(torch.frombuffer(data, dtype=torch.uint8), mode=ImageReadMode.RGB)
-        return Image.fromarray(_to_8_bits(wide.to(torch.int32).permute(1, 2, 0).numpy()))
+    if _png_bit_depth(data) == 16:  # PIL has no 16-bit colour mode; TorchCodec's uint8 is round(v / 257)
+        stored = _without_exif(data)
+        if stored is None:
+            raise ValueError("a 16-bit PNG whose chunks overrun its data")
+        return Image.fromarray(decode_png(_view(stored), mode="RGB").permute(1, 2, 0).numpy())
     with Image.open(io.BytesIO(data)) as im:
         if im.mode == "I" or im.mode.startswith("I;16"):  # 16-bit grey (PGM, TIFF) or 32-bit integer
             return Image.fromarray(_to_8_bits(np.asarray(im))).convert("RGB")
@@ -78,16 +156,20 @@ def pil_to_rgb(data: bytes) -> Image.Image:
         return im.convert("RGB")
 
 
+def _view(data: bytes) -> torch.Tensor:
+    return torch.frombuffer(data, dtype=torch.uint8)  # no copy; the buffer warning is filtered above
+
+
 def fast_path(data: bytes) -> str:
     """Pick the decoder for ``data`` from its header: ``"jpeg"`` (batched), ``"image"`` or ``"pil"``."""
     if data[:3] == JPEG_MAGIC:
         return "jpeg"
     if data[:8] == PNG_MAGIC:
-        return "pil" if _png_bit_depth(data) == 16 else "image"  # torchvision gives 16-bit PNGs as uint16
+        return "image"  # 16-bit too: TorchCodec's uint8 output is round(v / 257), as pil_to_rgb's
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         animated = data[12:16] == b"VP8X" and len(data) > 20 and data[20] & 0x02
-        return "pil" if animated else "image"  # decode_webp refuses animations
-    # GIF: decode_image returns every frame and fills transparency differently; BMP, TIFF, PNM: no decoder
+        return "pil" if animated else "image"  # TorchCodec gives every frame
+    # GIF: TorchCodec returns every frame and fills transparency differently; BMP, TIFF, PNM: no decoder
     return "pil"
 
 
@@ -95,12 +177,13 @@ def decode_one(data: bytes, path: str = "image") -> torch.Tensor:
     """Decode one image to uint8 ``[3, H, W]`` via ``path`` (:func:`fast_path`); ``ValueError`` if empty."""
     if not data:
         raise ValueError("empty image bytes")
-    if path != "pil":
+    stored = _without_exif(data) if path != "pil" else None
+    if stored is not None:
         try:
-            img = decode_image(torch.frombuffer(data, dtype=torch.uint8), mode=ImageReadMode.RGB)
-        except RuntimeError:
-            img = None  # a variant torchvision lacks (12-bit JPEG ...): PIL decodes it or names the fault
-        # a header the routing misread (uint16 or multi-frame result) goes to PIL too
+            img = decode_image(_view(stored), mode="RGB")
+        except (RuntimeError, ValueError):
+            img = None  # a variant TorchCodec lacks (12-bit JPEG ...): PIL decodes it or names the fault
+        # a header the routing misread (a multi-frame result) goes to PIL too
         if img is not None and img.dtype == torch.uint8 and img.shape[0] == 3 and img.dim() == 3:
             return img
     return v2.functional.pil_to_tensor(pil_to_rgb(data))
@@ -109,19 +192,18 @@ def decode_one(data: bytes, path: str = "image") -> torch.Tensor:
 def decode_batch(blobs: list[bytes]) -> list[torch.Tensor | Exception]:
     """Decode ``blobs`` to uint8 ``[3, H, W]`` tensors (JPEGs in one call); a failure gives its exception."""
     out: list[torch.Tensor | Exception | None] = [None] * len(blobs)
-    paths = [fast_path(b) if b else "pil" for b in blobs]
-    jpegs = [i for i, path in enumerate(paths) if path == "jpeg"]
+    stored = [_without_exif(b) if fast_path(b) == "jpeg" else None for b in blobs]
+    jpegs = [i for i, s in enumerate(stored) if s is not None]
     if jpegs:
         try:
-            tensors = [torch.frombuffer(blobs[i], dtype=torch.uint8) for i in jpegs]
-            for i, img in zip(jpegs, decode_jpeg(tensors, mode=ImageReadMode.RGB), strict=True):
+            for i, img in zip(jpegs, decode_jpeg([_view(stored[i]) for i in jpegs], mode="RGB"), strict=True):
                 out[i] = img
-        except RuntimeError:
+        except (RuntimeError, ValueError):
             pass  # one bad JPEG fails the whole call: decode them one by one below
-    for i, (b, path) in enumerate(zip(blobs, paths, strict=True)):
+    for i, b in enumerate(blobs):
         if out[i] is None:
             try:
-                out[i] = decode_one(b, path)
+                out[i] = decode_one(b, fast_path(b) if b else "pil")
             except Exception as e:  # noqa: BLE001 - reported per row by the caller
                 out[i] = e
     return out
