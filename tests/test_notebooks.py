@@ -23,6 +23,7 @@ CHAPTERS = [
     "05_launch.ipynb",
     "06_object_storage.ipynb",
     "07_which_loader.ipynb",
+    "08_data_evolves.ipynb",
 ]
 # chapter 6 converts the digits into its own S3 bucket instead
 DIGITS_CHAPTERS = [name for name in CHAPTERS if name != "06_object_storage.ipynb"]

@@ -42,6 +42,7 @@ CHAPTERS = [
     "05_launch",
     "06_object_storage",
     "07_which_loader",
+    "08_data_evolves",
 ]
 PAGE_TIMEOUT_MS = 20_000
 
