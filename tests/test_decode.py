@@ -379,7 +379,7 @@ def test_16_bit_png_with_exif_orientation(decoder):
 
 def test_exif_hiding_copies_only_what_holds_exif():
     plain = encode(photo(1), "JPEG")
-    assert decode._without_exif(plain) is plain  # no APP1 marker bytes: no walk, no copy
+    assert decode._without_exif(plain) is plain  # no APP1 segment: no copy
     assert decode._without_exif(oriented("JPEG", 6)) == decode._without_exif(oriented("JPEG", 1))
     assert b"eXIf" not in decode._without_exif(oriented("PNG", 6))
     assert b"EXIF" not in decode._without_exif(oriented("WEBP", 6))

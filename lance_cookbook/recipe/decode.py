@@ -7,6 +7,7 @@ TorchCodec always applies EXIF orientation, which that loader ignores: the EXIF 
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 
 import numpy as np
@@ -23,6 +24,8 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # The decoders only read their input, so viewing read-only buffers (Python bytes, Arrow buffers) with
 # torch.frombuffer is safe; one targeted filter instead of catch_warnings, which is not thread-safe.
 warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
+
+_BIG_ENDIAN_U16 = struct.Struct(">H").unpack_from
 
 # PIL reads uncompressed 48/64-bit images (TIFF) through these raw modes keeping only each sample's high byte
 _RAW_16_BIT = {"RGB;16L": "<u2", "RGB;16B": ">u2", "RGB;16N": "=u2", "RGBA;16L": "<u2", "RGBA;16B": ">u2"}
@@ -43,22 +46,21 @@ def _cut(data: bytes, spans: list[tuple[int, int]]) -> bytes:
 
 def _jpeg_exif_spans(data: bytes) -> list[tuple[int, int]] | None:
     """The APP1 segments before the first scan, where TorchCodec looks for EXIF; None: the walk fails."""
-    pos, spans = 2, []
-    while True:
-        if pos + 4 > len(data) or data[pos] != 0xFF:
-            return None  # no marker where one must be
+    pos, spans, size = 2, [], len(data)
+    while pos + 4 <= size and data[pos] == 0xFF:  # each header segment starts with a marker
         marker = data[pos + 1]
+        if marker == 0xDA:  # start of scan: entropy-coded data follows
+            return spans
         if marker == 0xFF:  # fill byte
             pos += 1
-        elif marker == 0xDA:  # start of scan: entropy-coded data follows
-            return spans
         elif 0xD0 <= marker <= 0xD9 or marker == 0x01:  # markers without a length field
             pos += 2
         else:
-            end = pos + 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+            end = pos + 2 + _BIG_ENDIAN_U16(data, pos + 2)[0]
             if marker == 0xE1:
                 spans.append((pos, end))
             pos = end
+    return None
 
 
 def _png_exif_spans(data: bytes) -> list[tuple[int, int]] | None:
@@ -77,31 +79,40 @@ def _png_exif_spans(data: bytes) -> list[tuple[int, int]] | None:
     return spans
 
 
-def _webp_without_exif(data: bytes) -> bytes:
-    """Rename the ``EXIF`` chunks to one WebP readers skip as unknown, so no size in the file changes."""
-    out, pos = bytearray(data), 12
+def _webp_exif_chunks(data: bytes) -> list[int]:
+    """The offsets of the ``EXIF`` chunks, walked as TorchCodec walks them (it stops at a truncated chunk)."""
+    pos, found = 12, []
     while pos + 8 <= len(data):
         size = int.from_bytes(data[pos + 4 : pos + 8], "little")
         if pos + 8 + size > len(data):
-            break  # where TorchCodec's walk stops too
+            break
         if data[pos : pos + 4] == b"EXIF":
-            out[pos : pos + 4] = b"exif"
+            found.append(pos)
         pos += 8 + size + (size & 1)  # chunks are padded to an even size
-    return bytes(out)
+    return found
 
 
 def _without_exif(data: bytes) -> bytes | None:
     """Return ``data`` with its EXIF hidden from TorchCodec, which always applies EXIF orientation.
 
-    ``ImageFolder``'s loader (and ``torchvision.io``) ignore the orientation, so must we. ``data`` itself when
-    it holds no EXIF (one byte search); None when a JPEG or PNG that may hold some cannot be walked.
+    ``ImageFolder``'s loader (and ``torchvision.io``) ignore the orientation, so must we: JPEG's APP1 segments
+    and PNG's ``eXIf`` chunks are cut, WebP's ``EXIF`` chunks renamed to one readers skip (no size changes).
+    ``data`` itself when it holds none (the walks stop at the first scan or IEND; a byte search for the
+    marker would cost more, as entropy-coded JPEG data is full of 0xFF); None when a JPEG or PNG cannot be
+    walked (PIL decodes it, or names its fault).
     """
     if data[:3] == JPEG_MAGIC:
-        spans = _jpeg_exif_spans(data) if b"\xff\xe1" in data else []
+        spans = _jpeg_exif_spans(data)
     elif data[:8] == PNG_MAGIC:
-        spans = _png_exif_spans(data) if b"eXIf" in data else []
+        spans = _png_exif_spans(data)
     elif data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return _webp_without_exif(data) if b"EXIF" in data else data
+        found = _webp_exif_chunks(data)
+        if not found:
+            return data
+        out = bytearray(data)
+        for pos in found:
+            out[pos : pos + 4] = b"exif"
+        return bytes(out)
     else:
         return data
     return None if spans is None else _cut(data, spans)
