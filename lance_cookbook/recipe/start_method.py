@@ -16,7 +16,7 @@ __all__ = ["check_start_method", "lance_safe_context", "end_with_process", "LOAD
 
 # What DataLoader workers import before they can run a collate: loaded once by the fork server instead of
 # by every worker (start-up figures: docs/benchmark.md, "Worker start-up and per-row read costs").
-LOADER_PRELOAD = ("torch", "torchvision", "PIL", "numpy")
+LOADER_PRELOAD = ("torch", "torchvision", "torchcodec", "PIL", "numpy")
 
 
 def check_start_method(context: str | Any) -> Any:
