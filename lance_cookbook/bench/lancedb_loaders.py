@@ -124,7 +124,8 @@ class EpochStreamingLoader:
 
     The loop a training run writes around LanceDB's loader (it refuses ``persistent_workers``, and one dataset
     object yields its rows once). ``set_epoch(E)`` picks the next pass's epoch, as a sampler's does; without
-    it each pass takes the next epoch.
+    it each pass takes the next epoch. ``worker_init_fn`` goes to every pass's loader; other keywords
+    (``stream``) to ``StreamingDataset``.
 
     ``_iterator`` is the current pass's iterator while it runs (and with it its workers); ``num_workers`` and
     ``multiprocessing_context`` are the loader's, so the benchmark finds and measures the workers.
@@ -139,9 +140,11 @@ class EpochStreamingLoader:
         workers: int,
         seed: int = 0,
         transform: Any = None,
+        worker_init_fn: Any = None,
         **stream: Any,
     ):
         self.table, self.collate, self.batch_size = table, collate, batch_size
+        self.worker_init_fn = worker_init_fn
         self.num_workers = workers
         self.multiprocessing_context = lance_safe_context(LOADER_PRELOAD) if workers > 0 else None
         self.num_splits = max(1, workers)  # one split per worker
@@ -172,6 +175,7 @@ class EpochStreamingLoader:
             num_workers=self.num_workers,
             collate_fn=self.collate,
             multiprocessing_context=self.multiprocessing_context,
+            worker_init_fn=self.worker_init_fn,
             pin_memory=False,
         )
         self._iterator = iter(loader)

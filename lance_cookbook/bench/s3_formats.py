@@ -3,14 +3,17 @@
 Every format holds the same images: the image folder itself (one object per JPEG), a Lance dataset of it
 (uploaded file by file: the layout Lance writes to ``s3://`` is the same), and the benchmark's peers
 written by :func:`.peers.write_in_child` with their benchmark settings (WebDataset tar shards of 1,000,
-MosaicML Streaming MDS and LitData chunks of 64 MB). Each is read in one process (no DataLoader workers)
-the way its library documents for remote data, in a shuffled order seeded by ``Context.seed``, into the
-benchmark's collate (``ImageCollate(S, decoder="torchvision", dtype=torch.uint8)``) in batches:
+MosaicML Streaming MDS and LitData chunks of 64 MB). Each is read the way its library documents for remote
+data, in a shuffled order seeded by ``Context.seed``, into the benchmark's collate (``ImageCollate(S,
+decoder="torchvision", dtype=torch.uint8)``) in batches, by ``Context.workers`` DataLoader workers (0, the
+default: in the reading process, as :mod:`.s3_traffic` counts; :mod:`.s3_latency` times 2 ``spawn`` workers,
+the recipe's own start method for ``make_loader``):
 
 - ``imagefolder``: a listing (``list_objects_v2``, 1,000 keys a page), then one boto3 ``get_object`` per
-  image, as an ``ImageFolder``-like ``Dataset`` over S3 does in ``__getitem__``;
-- ``lance_random`` / ``lance_block``: the recipe, ``make_loader`` over ``open_dataset("s3://...",
-  storage_options=...)`` (image and label columns), with a random permutation or
+  image in ``__getitem__`` of a map-style ``Dataset`` (:class:`S3ImageFolder`), as an ``ImageFolder`` over S3
+  does;
+- ``lance_random`` / ``lance_block``: the recipe, ``make_loader("s3://...", storage_options=...)`` with its
+  defaults for a remote URI (image and label columns), with a random permutation or
   :class:`lance_cookbook.BlockShuffleSampler` (blocks of one batch, window 2) as the sampler;
 - ``webdataset``: ``wds.WebDataset`` over presigned ``http://`` URLs of the shards (webdataset opens them
   with ``curl``), shard shuffle and a 1,000-sample buffer as in the benchmark;
@@ -18,7 +21,13 @@ benchmark's collate (``ImageCollate(S, decoder="torchvision", dtype=torch.uint8)
   endpoint in ``S3_ENDPOINT_URL`` and the keys in ``AWS_*`` (its documented S3-compatible setup): it
   downloads whole shards into ``local``;
 - ``litdata``: ``litdata.StreamingDataset("s3://...", storage_options={"endpoint_url": ...},
-  shuffle=True)`` and its ``StreamingDataLoader``: it downloads whole chunks into ``cache_dir``.
+  shuffle=True)`` and its ``StreamingDataLoader``: it downloads whole chunks into ``cache_dir``;
+- ``lancedb_stream`` (:data:`LANCEDB_STREAM`, timed by :mod:`.s3_latency` only): LanceDB's
+  ``StreamingDataset`` over ``lancedb.connect("s3://bucket", storage_options=...)``, with the tuned settings
+  of loader (o) (:data:`.lancedb_loaders.STREAM_SETTINGS`), a new dataset every pass.
+
+Streaming and LitData download into ``Context.fresh_dir`` directories: every read starts with an empty
+cache, so it reads from the store.
 
 Peer libraries are imported inside functions, so the core environment (no peers) imports this module and
 reads the image folder and Lance.
@@ -34,7 +43,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["FORMATS", "Context", "Format", "Store", "prepare", "upload"]
+__all__ = ["FORMATS", "LANCEDB_STREAM", "Context", "Format", "S3ImageFolder", "Store", "prepare", "upload"]
 
 LANCE_PREFIX = "images.lance"
 
@@ -71,8 +80,9 @@ class Store:
 class Context:
     """What every reader shares.
 
-    The number of images, the collate's size, batch size, seed, a work directory for download caches, and the
-    local copy of each uploaded source.
+    The number of images, the collate's size, batch size, seed, a work directory for download caches, the
+    local copy of each uploaded source, the DataLoader workers (0: read in this process) and a
+    ``worker_init_fn`` for them (picklable; :class:`.s3_latency.StartLine` times from it).
     """
 
     images: int
@@ -81,6 +91,19 @@ class Context:
     seed: int
     work: str
     local: dict[str, str] = field(default_factory=dict)
+    workers: int = 0
+    worker_init_fn: Callable[[int], Any] | None = None
+
+    def loader_kwargs(self) -> dict[str, Any]:
+        """``DataLoader`` keywords for ``workers``: ``spawn`` workers that end with the pass, or none."""
+        if self.workers == 0:
+            return {"num_workers": 0}
+        return {
+            "num_workers": self.workers,
+            "multiprocessing_context": "spawn",
+            "persistent_workers": False,  # one pass per loader: its workers end with it
+            "worker_init_fn": self.worker_init_fn,
+        }
 
     def collate(self) -> Any:
         """A new ``ImageCollate`` of ``image_size`` decoding with torchvision to uint8."""
@@ -178,45 +201,81 @@ def upload(store: Store, local_dir: str, source: str) -> int:
 # --- reading --------------------------------------------------------------------------------------------
 
 
+class S3ImageFolder:
+    """A map-style ``Dataset`` of one object per image: ``__getitem__`` is one boto3 ``get_object``.
+
+    ``keys`` are ``<prefix>/<class>/<file>``; the label is the index of ``<class>`` in ``classes``. The boto3
+    client is made on first use in each process (clients do not pickle).
+    """
+
+    def __init__(self, store: Store, keys: list[str], classes: dict[str, int]):
+        self.store, self.keys, self.classes = store, keys, classes
+        self._client: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_client": None}
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        """Row ``i``: ``{"image": the object's bytes, "label": its class index}``."""
+        if self._client is None:
+            self._client = self.store.client()
+        key = self.keys[i]
+        body = self._client.get_object(Bucket=self.store.bucket, Key=key)["Body"]
+        return {"image": body.read(), "label": self.classes[key.split("/")[1]]}
+
+
 def _open_imagefolder(store: Store, ctx: Context) -> Iterable[Any]:
+    from torch.utils.data import DataLoader
+
     client = store.client()
     keys: list[str] = []
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=store.bucket, Prefix="imagefolder/"):
         keys += [obj["Key"] for obj in page.get("Contents", [])]
     keys.sort()
     classes = {c: i for i, c in enumerate(sorted({k.split("/")[1] for k in keys}))}
-    order, collate = ctx.order(len(keys)), ctx.collate()
-
-    def batches() -> Iterator[Any]:
-        for start in range(0, len(order), ctx.batch_size):
-            rows = []
-            for i in order[start : start + ctx.batch_size]:
-                body = client.get_object(Bucket=store.bucket, Key=keys[i])["Body"]
-                rows.append({"image": body.read(), "label": classes[keys[i].split("/")[1]]})
-            yield collate(rows)
-
-    return batches()
+    dataset = S3ImageFolder(store, keys, classes)
+    return DataLoader(
+        dataset,
+        batch_size=ctx.batch_size,
+        sampler=ctx.order(len(keys)),
+        collate_fn=ctx.collate(),
+        **ctx.loader_kwargs(),
+    )
 
 
-def _open_lance(store: Store, ctx: Context, *, block: bool) -> Iterable[Any]:
+def _open_lance(
+    store: Store, ctx: Context, *, block: bool, local: bool = False, **options: Any
+) -> Iterable[Any]:
+    """The recipe: ``make_loader`` of the URI with its defaults and ``options`` (``local``: local copy)."""
     from ..recipe.block_sampler import BlockShuffleSampler
-    from ..recipe.dataset import open_dataset
     from ..recipe.loader import make_loader
 
-    collate = ctx.collate()
-    uri = f"s3://{store.bucket}/{LANCE_PREFIX}"
-    dataset = open_dataset(uri, storage_options=store.options, columns=list(collate.columns))
-    if block:
+    if block:  # a Sized of the row count is all the sampler reads of a dataset
         sampler: Any = BlockShuffleSampler(
-            dataset, num_replicas=1, rank=0, seed=ctx.seed, block_size=ctx.batch_size
+            range(ctx.images), num_replicas=1, rank=0, seed=ctx.seed, block_size=ctx.batch_size
         )
     else:
-        sampler = ctx.order(len(dataset))
-    return make_loader(dataset, batch_size=ctx.batch_size, num_workers=0, sampler=sampler, collate_fn=collate)
+        sampler = ctx.order(ctx.images)
+    if ctx.workers and ctx.worker_init_fn is not None:
+        options["worker_init_fn"] = ctx.worker_init_fn
+    if not local:
+        options["storage_options"] = store.options
+    return make_loader(
+        ctx.local["lance"] if local else f"s3://{store.bucket}/{LANCE_PREFIX}",
+        batch_size=ctx.batch_size,
+        num_workers=ctx.workers,
+        sampler=sampler,
+        collate_fn=ctx.collate(),
+        **options,
+    )
 
 
 def _open_webdataset(store: Store, ctx: Context) -> Iterable[Any]:
     import webdataset as wds
+    from torch.utils.data import DataLoader
 
     from .peers import WDS_SHUFFLE_BUFFER, wds_row
 
@@ -228,12 +287,14 @@ def _open_webdataset(store: Store, ctx: Context) -> Iterable[Any]:
         client.generate_presigned_url("get_object", Params={"Bucket": store.bucket, "Key": f"webdataset/{n}"})
         for n in names
     ]
-    return (
+    dataset = (
         wds.WebDataset(urls, shardshuffle=len(urls), seed=ctx.seed, empty_check=False)
         .shuffle(WDS_SHUFFLE_BUFFER)
         .map(wds_row)
         .batched(ctx.batch_size, collation_fn=ctx.collate(), partial=True)
     )
+    # batched in the workers, whole shards split between them (WebDataset's default worker splitter)
+    return DataLoader(dataset, batch_size=None, **ctx.loader_kwargs())
 
 
 @contextmanager
@@ -271,7 +332,7 @@ def _open_streaming(store: Store, ctx: Context) -> Iterable[Any]:
         shuffle_seed=ctx.seed,
         batch_size=ctx.batch_size,
     )
-    return DataLoader(dataset, batch_size=ctx.batch_size, collate_fn=ctx.collate(), num_workers=0)
+    return DataLoader(dataset, batch_size=ctx.batch_size, collate_fn=ctx.collate(), **ctx.loader_kwargs())
 
 
 @contextmanager
@@ -295,9 +356,31 @@ def _litdata_http(store: Store) -> Iterator[None]:
             options.pop("allow_http", None)
 
 
+class _LitDataHttp:
+    """LitData workers' ``worker_init_fn`` at a plain-http endpoint: :func:`_litdata_http` in each worker.
+
+    Workers download the chunks, each with LitData's module state of its own (``spawn``), so each must allow
+    http itself; then ``then`` runs (the caller's ``worker_init_fn``).
+    """
+
+    def __init__(self, then: Callable[[int], Any] | None):
+        self.then = then
+
+    def __call__(self, worker_id: int) -> None:
+        """Allow http in this worker's LitData, then call ``then``."""
+        from litdata.streaming import downloader
+
+        downloader._OBSTORE_CLIENT_OPTIONS["allow_http"] = "true"
+        if self.then is not None:
+            self.then(worker_id)
+
+
 def _open_litdata(store: Store, ctx: Context) -> Iterable[Any]:
     import litdata
 
+    kwargs = ctx.loader_kwargs()
+    if ctx.workers and store.endpoint.startswith("http://"):
+        kwargs["worker_init_fn"] = _LitDataHttp(ctx.worker_init_fn)
     dataset = litdata.StreamingDataset(
         f"s3://{store.bucket}/litdata",
         cache_dir=ctx.fresh_dir("litdata"),
@@ -305,8 +388,38 @@ def _open_litdata(store: Store, ctx: Context) -> Iterable[Any]:
         shuffle=True,
         seed=ctx.seed,
     )
-    return litdata.StreamingDataLoader(
-        dataset, batch_size=ctx.batch_size, collate_fn=ctx.collate(), num_workers=0
+    return litdata.StreamingDataLoader(dataset, batch_size=ctx.batch_size, collate_fn=ctx.collate(), **kwargs)
+
+
+class LanceDBTable:
+    """LanceDB's ``connection_factory``: table ``name`` of ``lancedb.connect(root, storage_options=...)``.
+
+    ``StreamingDataset`` pickles it to each worker, which reopens the table with it (picklable: two values).
+    """
+
+    def __init__(self, root: str, options: dict[str, str]):
+        self.root, self.options = root, options
+
+    def __call__(self, name: str) -> Any:
+        """Open table ``name`` (``<root>/<name>.lance``)."""
+        import lancedb
+
+        return lancedb.connect(self.root, storage_options=self.options).open_table(name)
+
+
+def _open_lancedb(store: Store, ctx: Context) -> Iterable[Any]:
+    from .lancedb_loaders import STREAM_SETTINGS, EpochStreamingLoader
+
+    connect = LanceDBTable(f"s3://{store.bucket}", store.options)
+    return EpochStreamingLoader(
+        connect(LANCE_PREFIX.removesuffix(".lance")),
+        ctx.collate(),
+        batch_size=ctx.batch_size,
+        workers=ctx.workers,
+        seed=ctx.seed,
+        worker_init_fn=ctx.worker_init_fn,
+        connection_factory=connect,
+        **STREAM_SETTINGS["lancedb_stream_clump"],
     )
 
 
@@ -328,3 +441,13 @@ FORMATS: dict[str, Format] = {
                "litdata", ".bin", _open_litdata, _litdata_http, modules=("litdata",), downloads_ahead=True),
     ]
 }  # fmt: skip
+
+# timed by .s3_latency only (s3_traffic's model has no CPU figure for it)
+LANCEDB_STREAM = Format(
+    "lancedb_stream",
+    "LanceDB StreamingDataset over s3://, clumps of 64, loader (o)'s tuned settings",
+    "lance",
+    ".lance",
+    _open_lancedb,
+    modules=("lancedb",),
+)
