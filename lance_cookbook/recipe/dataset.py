@@ -15,7 +15,9 @@ import lance
 import numpy as np
 import pyarrow as pa
 from lance.torch.data import SafeLanceDataset
+from torch.utils.data import get_worker_info
 
+from .readahead import ReadAhead
 from .store_errors import silent_endpoint_reason, store_error_reason
 
 __all__ = ["open_dataset", "LanceImageDataset", "Rows", "label_names", "stored_metadata", "dataset_options"]
@@ -147,7 +149,10 @@ class LanceImageDataset(SafeLanceDataset):
     ``rows`` (positions in the pinned version, which ``dataset_options`` must then give as a number): index
     ``i`` reads row ``rows[i]``; they travel to the workers with the dataset (8 bytes a row). ``None``: all
     rows. ``filter`` and ``tag`` are recorded (``open_dataset`` sets them) for messages and checkpoints.
+    In a worker, a batch that announces the worker's next ones (:mod:`.readahead`) has them read ahead.
     """
+
+    reads_ahead = True  # make_loader's read_ahead works with it
 
     def __init__(
         self,
@@ -165,6 +170,7 @@ class LanceImageDataset(SafeLanceDataset):
         self.filter, self.tag = filter, tag
         super().__init__(uri, dataset_options=dataset_options)
         self.columns = list(columns) if columns is not None else None
+        self._read_ahead: ReadAhead | None = None
 
     def _safe_preload(self) -> int:
         return super()._safe_preload() if self.rows is None else len(self.rows)
@@ -189,13 +195,29 @@ class LanceImageDataset(SafeLanceDataset):
         return self.__getitems__([index])[0]
 
     def __getitems__(self, indices: Sequence[int]) -> Rows:
-        positions = [self._position(i) for i in indices]
+        ahead = getattr(indices, "ahead", None)  # a HintedBatch: make_loader's read-ahead (readahead.py)
+        # its threads live in workers only; a worker's first batch opens the dataset, before any thread
+        if ahead is None or get_worker_info() is None or self._ds is None:
+            return self._read([indices])[0]
+        if self._read_ahead is None:
+            self._read_ahead = ReadAhead(self._read)
+        return self._read_ahead(indices)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**vars(self), "_read_ahead": None}
+
+    def _open(self) -> lance.LanceDataset:
+        if self._ds is None:
+            self._ds = lance.dataset(self.uri, **self.dataset_options)
+        return self._ds
+
+    def _read(self, batches: list[Sequence[int]]) -> list[Rows]:
+        """Read ``batches`` (lists of indices) with one ``take``; return their :class:`Rows`."""
+        positions = [[self._position(i) for i in indices] for indices in batches]
         if self.rows is not None:
-            positions = self.rows[positions].tolist()
+            positions = [self.rows[p].tolist() for p in positions]
         try:
-            if self._ds is None:
-                self._ds = lance.dataset(self.uri, **self.dataset_options)
-            table = self._ds.take(positions, columns=self.columns)
+            table = self._open().take([p for part in positions for p in part], columns=self.columns)
         except (ValueError, OSError) as e:
             if "not found" not in str(e).lower():
                 raise
@@ -205,7 +227,12 @@ class LanceImageDataset(SafeLanceDataset):
                 "(cleanup_old_versions removed it, or its files, while this run read it): keep a tag on "
                 "every version a run reads, and delete the tag only after the run"
             ) from None
-        return Rows(table.to_pylist(), self, positions)
+        rows, at = table.to_pylist(), 0
+        out = []
+        for part in positions:
+            out.append(Rows(rows[at : at + len(part)], self, part))
+            at += len(part)
+        return out
 
 
 def open_dataset(
