@@ -114,7 +114,12 @@ bench: $(BENCH_VENV)/.installed
 	$(BENCH_PY) -m lance_cookbook.bench.s3_traffic --imagefolder $(BENCH)/img32 --lance $(BENCH)/img32.lance \
 		--work-dir $(BENCH)/s3-32px --formats lance_random,lance_block,webdataset,streaming,litdata \
 		--delay-ms 300 --json $(BENCH)/s3-traffic-32px-300ms.json
-	@echo "figures: $(BENCH)/bench-32px.{json,png} $(BENCH)/bench-photos.{json,png} $(BENCH)/s3-traffic-32px*.json"
+	# images/s from a real S3 server (SeaweedFS's gateway behind Envoy, which delays every request 0, 10, 50 ms):
+	# every loader, 2 workers, batch 64, new workers and empty caches each read, 4,000 distinct 32 px JPEGs
+	$(BENCH_PY) -m lance_cookbook.bench.s3_latency --work-dir $(BENCH)/s3-latency --count 4000 \
+		--json $(BENCH)/s3-latency-32px.json
+	@echo "figures: $(BENCH)/bench-32px.{json,png} $(BENCH)/bench-photos.{json,png} $(BENCH)/s3-traffic-32px*.json" \
+		"$(BENCH)/s3-latency-32px.json"
 
 ## make lab: JupyterLab on the notebooks
 lab: $(VENV)/.installed data
