@@ -24,12 +24,12 @@ from torch.nn.parallel import DistributedDataParallel
 from .cli import add_storage_option_argument
 from .recipe.block_sampler import BlockShuffleSampler
 from .recipe.collate import ImageCollate
-from .recipe.dataset import DatasetNotFound, EmptyDataset
+from .recipe.dataset import DatasetNotFound, EmptyDataset, InvalidFilter
 from .recipe.device import IMAGENET_MEAN, IMAGENET_STD, to_device
 from .recipe.loader import make_loader
 from .recipe.sampler import ResumableDistributedSampler, ShardSampler
 from .training import reporting, run_state, setup
-from .training.arguments import HelpFormatter, local_dir, location
+from .training.arguments import HelpFormatter, add_selection_arguments, local_dir, location
 from .training.checkpoint import CheckpointError, check_location
 from .training.distributed import StopRequest, all_sum, distribute, ignore_sigterm, setup_distributed, unwrap
 from .training.models import MODELS, build_model
@@ -116,18 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="JSON written by rank 0 after every epoch: a local path or s3://... (default: none)",
     )
-    p.add_argument(
-        "--version",
-        type=int,
-        metavar="N",
-        help="version of --train to read (default: the latest when the job starts, the same on every rank)",
-    )
-    p.add_argument(
-        "--val-version",
-        type=int,
-        metavar="N",
-        help="version of --val to read (default: the latest when the job starts, the same on every rank)",
-    )
+    add_selection_arguments(p)  # --version, --val-version (a number or a tag), --filter, --val-filter (SQL)
     add_storage_option_argument(
         p, "object-store option for both URIs (repeatable), e.g. aws_region=us-east-1 (default: none)"
     )
@@ -330,8 +319,9 @@ def main(argv: list[str] | None = None, *, after_step=None, after_checkpoint=Non
 
     Raises
     ------
-    DatasetNotFound, EmptyDataset
-        A URI that holds no dataset, or an empty training or evaluation set.
+    DatasetNotFound, EmptyDataset, InvalidFilter
+        A URI, version or tag that holds no dataset (or a version removed while training reads it); an empty
+        training or evaluation set or filter match; a filter that is not a Lance SQL predicate.
     """
     args = build_parser().parse_args(argv)
     storage_options = dict(args.storage_option) or None
@@ -344,18 +334,17 @@ def main(argv: list[str] | None = None, *, after_step=None, after_checkpoint=Non
         with stop.installed():
             torch.manual_seed(args.seed)
             path, state = run_state.find_checkpoint(args.checkpoint_dir, rank, device, storage_options)
-            pinned = run_state.pinned_versions(args, path, state)
-            train_ds, val_ds, versions = setup.open_datasets(args, rank, pinned)
+            train_ds, val_ds, selection = setup.open_datasets(args, rank, path, state)  # resumed: same rows
             train_loader, val_loader = load_data(args, train_ds, val_ds, rank, world)
             model = build_model(args.model, setup.count_classes(train_ds))
             model = distribute(model, device, channels_last=args.amp and device.type == "cuda")
             optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
             schedule = OneCycleSchedule(optimizer, max_lr=args.lr)  # read at training progress, not steps
             names = setup.checked_label_names(train_ds)
-            run = Run(args, rank, world, versions, names, stop, after_step, after_checkpoint)
+            run = Run(args, rank, world, selection, names, stop, after_step, after_checkpoint)
             if state:
                 run.restore(path, state, model, optimizer, schedule, train_loader.sampler)
-            reporting.describe_run(args, world, device, train_ds, val_ds, versions, run.log)
+            reporting.describe_run(args, world, device, train_ds, val_ds, run.log)
             if state and run.epoch >= args.epochs:
                 done = f"the checkpoint {path} already finished all {args.epochs} epochs"
                 run.log(f"nothing to resume: {done}", flush=True)
@@ -373,16 +362,17 @@ def main(argv: list[str] | None = None, *, after_step=None, after_checkpoint=Non
 def cli(argv: list[str] | None = None, **hooks) -> int:  # hooks: main's after_step, after_checkpoint
     """``main`` for the command line: every expected way to stop is one line on stderr and an exit code.
 
-    - 2: refused before training (``error:``): a bad or empty dataset, label_names that do not fit the
-      labels, checkpoints that cannot be resumed, an unusable ``--checkpoint-dir``/``--metrics-out``;
+    - 2: refused before training (``error:``): a bad or empty dataset, version, tag or filter, label_names
+      that do not fit the labels, checkpoints that cannot be resumed (or not on these rows), an unusable
+      ``--checkpoint-dir``/``--metrics-out``; also a dataset version removed while training reads it;
     - 1: stopped during training (``error:``): a non-finite loss, or a SIGTERM while another rank failed;
     - ``PREEMPTED_EXIT_CODE`` (75): stopped at a step boundary after SIGTERM, ``preempted at epoch E step S:
       checkpoint written to PATH`` (rank 0); run the same command again to resume.
     """
     try:
         main(argv, **hooks)
-    except (DatasetNotFound, EmptyDataset, setup.LabelError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (DatasetNotFound, EmptyDataset, InvalidFilter, setup.LabelError, CheckpointError) as e:
+        print(f"error: {reporting.error_line(e)}", file=sys.stderr)  # also raised in a loader's worker
         return 2
     except (run_state.TrainingDiverged, run_state.PeerLost) as e:
         print(f"error: {e}", file=sys.stderr)

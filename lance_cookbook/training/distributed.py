@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..recipe.dataset import DatasetNotFound, latest_version
+from ..recipe.dataset import DatasetNotFound, resolve_version
 
 
 def setup_distributed() -> tuple[int, int, torch.device]:
@@ -126,7 +126,7 @@ def all_sum(values: list[float], device: torch.device) -> list[float]:
 
 
 def agreed_versions(
-    uris: dict[str, str], requested: dict[str, int | None], storage_options: dict | None, rank: int
+    uris: dict[str, str], requested: dict[str, int | str | None], storage_options: dict | None, rank: int
 ) -> dict[str, int]:
     """The dataset version each rank reads, decided once by rank 0.
 
@@ -140,8 +140,9 @@ def agreed_versions(
     ----------
     uris : dict of str to str
         A name (``"train"``) to its URI.
-    requested : dict of str to int or None
-        The same names to a version number, or ``None`` for the latest.
+    requested : dict of str to int, str or None
+        The same names to a version number, a tag (resolved to its number here: moving the tag later changes
+        nothing), or ``None`` for the latest.
     storage_options : dict, optional
         Object-store options for every URI.
     rank : int
@@ -155,15 +156,14 @@ def agreed_versions(
     Raises
     ------
     DatasetNotFound
-        On every rank, when rank 0 cannot open a URI.
+        On every rank, when rank 0 cannot open a URI or finds no such version or tag (the message lists
+        those there are).
     """
     decided: list = [None]
     if rank == 0:
         try:
             decided[0] = {
-                name: requested[name]
-                if requested[name] is not None
-                else latest_version(uri, storage_options=storage_options)
+                name: resolve_version(uri, requested[name], storage_options=storage_options)
                 for name, uri in uris.items()
             }
         except DatasetNotFound as e:

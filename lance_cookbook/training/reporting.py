@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -92,16 +93,39 @@ def order_digest(indices: list[int]) -> str:
     return hashlib.sha1(json.dumps(indices).encode()).hexdigest()[:16]
 
 
-def describe_run(args, world: int, device: torch.device, train_ds, val_ds, versions: dict, log) -> None:
-    """Rank 0's opening line: world, device, data, versions, model; a note when ``--amp`` cannot apply."""
+def describe_run(args, world: int, device: torch.device, train_ds, val_ds, log) -> None:
+    """Rank 0's opening line: world, device, the rows read, model; a note when ``--amp`` cannot apply."""
     log(
-        f"world size {world} on {device}; {len(train_ds):,} train rows (version {versions['train']}) / "
-        f"{len(val_ds):,} val rows (version {versions['val']}), model {args.model}, "
-        f"{args.workers} worker(s) per process",
+        f"world size {world} on {device}; {describe_rows(train_ds, 'train')} / "
+        f"{describe_rows(val_ds, 'val')}, model {args.model}, {args.workers} worker(s) per process",
         flush=True,
     )
     if args.amp and device.type != "cuda":
         log("--amp: no CUDA device, so no autocast and no channels_last: training in float32", flush=True)
+
+
+def describe_rows(dataset, role: str) -> str:
+    """``"101 train rows (version 3, tag 'snap', filter 'label < 5')"``: what a dataset of the run holds."""
+    where = [f"version {dataset.version}"]
+    if dataset.tag:
+        where.append(f"tag {dataset.tag!r}")
+    if dataset.filter:
+        where.append(f"filter {dataset.filter!r}")
+    return f"{len(dataset):,} {role} rows ({', '.join(where)})"
+
+
+def error_line(error: BaseException) -> str:
+    """The message of ``error`` on one line.
+
+    An error raised in a DataLoader worker reaches the training process as the same type whose message is
+    "Caught X in DataLoader worker process N" and the worker's whole traceback (torch's ``ExceptionWrapper``):
+    its last line is the original message, after the qualified class name.
+    """
+    text = str(error).strip()
+    if "\nOriginal Traceback" not in text:
+        return text
+    last = text.splitlines()[-1]
+    return re.sub(rf"^[\w.]*\b{type(error).__name__}: ", "", last)
 
 
 def epoch_metrics(epoch: int, sums: dict[str, float], correct: int, val_seen: int, digest: str) -> dict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import shlex
 from collections.abc import Callable
 from pathlib import Path
 
@@ -119,30 +120,47 @@ def find_checkpoint(
     return chosen[0], state
 
 
-def pinned_versions(args: argparse.Namespace, path, state: dict | None) -> dict[str, int] | None:
-    """The dataset versions a resumed run reads.
+def check_same_rows(path, saved: dict, selection: dict, asked: dict) -> None:
+    """Refuse to resume the checkpoint ``path`` on other rows than it read: another filter or version.
 
-    The checkpoint's, so the interrupted epoch's rows stay the same; ``None`` without a checkpoint.
+    ``saved`` is the checkpoint's metrics (one written before filters were recorded has none: no filter);
+    ``selection`` this run's (``{"versions", "filters", "tags"}``, each ``{"train", "val"}``), versions
+    resolved to numbers; ``asked`` the ``--version`` and ``--val-version`` given. Reading the checkpoint's
+    rows instead would silently ignore the command line (pytorch/examples#816); reading others would continue
+    an epoch whose sampler state describes other rows.
 
     Raises
     ------
     CheckpointError
-        ``--version`` or ``--val-version`` asks for another version than the checkpoint was trained on;
-        silently reading the checkpoint's instead would ignore the command line (pytorch/examples#816).
+        One line naming the checkpoint, what it read, what was asked, and what to do.
     """
-    if not state:
-        return None
-    saved = state["metrics"]["versions"]
-    for option, key, asked in (
-        ("--version", "train", args.version),
-        ("--val-version", "val", args.val_version),
-    ):
-        if asked is not None and asked != saved[key]:
-            raise CheckpointError(
-                f"{option} {asked} differs from version {saved[key]} of the {key} set that the checkpoint "
-                f"{path} was trained on: drop {option} to resume, or use another --checkpoint-dir"
-            )
-    return saved
+    for key, prefix in (("train", "--"), ("val", "--val-")):
+        was, now = (saved.get("filters") or {}).get(key), selection["filters"][key]
+        if was != now:
+            fix = f"pass {prefix}filter {_shell_quoted(was)}" if was else f"drop {prefix}filter"
+            was, now = _rows(key, prefix, was), _rows(key, prefix, now)
+        elif saved["versions"][key] != selection["versions"][key]:
+            tag = (saved.get("tags") or {}).get(key)
+            was = f"version {saved['versions'][key]}{f' (tag {tag!r})' if tag else ''} of --{key}"
+            now = f"version {selection['versions'][key]} ({prefix}version {asked[key]})"
+            fix = f"drop {prefix}version (the checkpoint's is read)"
+        else:
+            continue
+        raise CheckpointError(
+            f"cannot resume from {path}: it read {was}, not {now}: {fix} to resume, or start a new "
+            "--checkpoint-dir"
+        )
+
+
+def _rows(key: str, prefix: str, filter: str | None) -> str:
+    if filter is None:
+        return f"every row of --{key} (no {prefix}filter)"
+    return f"the rows of --{key} matching {prefix}filter {_shell_quoted(filter)}"
+
+
+def _shell_quoted(text: str) -> str:
+    """``text`` quoted for a shell, readably: in double quotes unless it holds what they would expand."""
+    return f'"{text}"' if not any(c in text for c in '"$`\\!') else shlex.quote(text)
 
 
 def rng_state() -> dict:
@@ -183,8 +201,9 @@ class Run:
         The parsed command line of ``python -m lance_cookbook.train``.
     rank, world : int
         This process's rank and the number of processes.
-    versions : dict of str to int
-        The dataset versions read (``{"train": N, "val": M}``).
+    selection : dict
+        The rows read, recorded in the metrics and checkpoints: ``{"versions", "filters", "tags"}``, each
+        ``{"train": ..., "val": ...}`` (:func:`lance_cookbook.training.setup.open_datasets`).
     names : list of str
         The training set's ``label_names``.
     stop : StopRequest, optional
@@ -202,7 +221,7 @@ class Run:
         args: argparse.Namespace,
         rank: int,
         world: int,
-        versions: dict,
+        selection: dict,
         names: list[str],
         stop: StopRequest | None = None,
         after_step: AfterStep | None = None,
@@ -218,7 +237,7 @@ class Run:
             "world_size": world,
             "model": args.model,
             "label_names": names,
-            "versions": versions,
+            **selection,
             "epochs": [],
             "resumes": [],
         }
@@ -286,8 +305,8 @@ class Run:
         schedule stays at the saved training progress, now with the new peak. These are the only
         hyperparameters a checkpoint restores over the command line; the others either apply as given
         (``--epochs``, ``--batch-size``, ``--image-size``, ``--augment``, ``--amp``) or are refused when they
-        differ (``--model``, ``--seed``, ``--sampler``, ``--block-size``, ``--version``: they change what is
-        being resumed).
+        differ (``--model``, ``--seed``, ``--sampler``, ``--block-size``, versions and filters: they change
+        what is being resumed).
 
         Returns
         -------

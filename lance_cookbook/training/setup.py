@@ -17,6 +17,7 @@ from torch.utils.data import Dataset, Sampler
 from ..recipe.collate import AUGMENT_SEED, augment_seed
 from ..recipe.dataset import EmptyDataset, label_names, open_dataset
 from .distributed import agreed_versions
+from .run_state import check_same_rows
 
 
 def require_rows(dataset, role: str) -> None:
@@ -124,28 +125,57 @@ def count_classes(dataset) -> int:
     return len(names) if names else max(1, high + 1)
 
 
-def open_datasets(args: argparse.Namespace, rank: int, pinned: dict[str, int] | None = None):
-    """Open ``--train`` and ``--val`` at the versions rank 0 decides; refuse empty ones.
+def open_datasets(args: argparse.Namespace, rank: int, path=None, state: dict | None = None):
+    """Open the rows of ``--train`` and ``--val`` that the filters select, at versions rank 0 resolves.
 
-    ``pinned``: those of the checkpoint being resumed, so the resumed epoch reads the rows it began with.
+    ``--version``/``--val-version`` (a number or a tag) or, resuming the checkpoint ``path`` whose loaded
+    ``state`` is given, the checkpoint's version, so the resumed epoch reads the rows it began with; else the
+    latest. Every rank then opens the same number and evaluates the filters on it, so all agree on the rows.
 
     Returns
     -------
     tuple
-        ``(train_ds, val_ds, versions)``.
+        ``(train_ds, val_ds, selection)``; ``selection`` is ``{"versions", "filters", "tags"}``, each
+        ``{"train": ..., "val": ...}``: the numbers read, the filters, the tags given (or resumed).
+
+    Raises
+    ------
+    DatasetNotFound
+        On every rank: no dataset at a URI, or no such version or tag (the message lists those there are).
+    CheckpointError
+        Resuming on another filter or version (:func:`lance_cookbook.training.run_state.check_same_rows`).
+    InvalidFilter, EmptyDataset
+        A filter that is not a predicate over the dataset's columns; an empty set or filter match.
     """
     storage_options = dict(args.storage_option) or None
-    versions = agreed_versions(
-        {"train": args.train, "val": args.val},
-        pinned or {"train": args.version, "val": args.val_version},
-        storage_options,
-        rank,
-    )
-    train_ds = open_dataset(args.train, version=versions["train"], storage_options=storage_options)
-    val_ds = open_dataset(args.val, version=versions["val"], storage_options=storage_options)
-    require_rows(train_ds, "training")
-    require_rows(val_ds, "evaluation")
-    return train_ds, val_ds, versions
+    uris = {"train": args.train, "val": args.val}
+    asked = {"train": args.version, "val": args.val_version}
+    saved = state["metrics"] if state else None
+    requested, tags = dict(asked), {}
+    for key, version in asked.items():
+        if version is None and saved:  # resuming: the checkpoint's version, and the tag it was given by
+            requested[key], tags[key] = saved["versions"][key], (saved.get("tags") or {}).get(key)
+        else:
+            tags[key] = version if isinstance(version, str) else None
+    selection = {
+        "versions": agreed_versions(uris, requested, storage_options, rank),
+        "filters": {"train": args.filter, "val": args.val_filter},
+        "tags": tags,
+    }
+    if saved:
+        check_same_rows(path, saved, selection, asked)
+    opened = {}
+    for key, role in (("train", "training"), ("val", "evaluation")):
+        ds = open_dataset(
+            uris[key],
+            filter=selection["filters"][key],
+            version=selection["versions"][key],
+            storage_options=storage_options,
+        )
+        ds.tag = tags[key]  # opened by number, like every rank; the tag names it in messages
+        require_rows(ds, role)
+        opened[key] = ds
+    return opened["train"], opened["val"], selection
 
 
 class EpochPositions(Sampler):
