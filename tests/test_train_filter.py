@@ -117,13 +117,13 @@ def resumable(data, tmp_path):
         ),
         (
             ["--filter", LOW, "--version", "v2"],
-            "version 1 (tag 'v1') of --train, not version 2 (--version v2): drop --version (the checkpoint's "
-            "is read) to resume",
+            "version 1 (tag 'v1') of --train, not version 2 (--version v2): drop --version (or pass "
+            "--version 1) to resume",
         ),
         (
             ["--filter", LOW, "--version", "2"],
-            "version 1 (tag 'v1') of --train, not version 2 (--version 2): drop --version (the checkpoint's "
-            "is read) to resume",
+            "version 1 (tag 'v1') of --train, not version 2 (--version 2): drop --version (or pass "
+            "--version 1) to resume",
         ),
     ],
 )

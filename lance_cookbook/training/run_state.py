@@ -143,7 +143,7 @@ def check_same_rows(path, saved: dict, selection: dict, asked: dict) -> None:
             tag = (saved.get("tags") or {}).get(key)
             was = f"version {saved['versions'][key]}{f' (tag {tag!r})' if tag else ''} of --{key}"
             now = f"version {selection['versions'][key]} ({prefix}version {asked[key]})"
-            fix = f"drop {prefix}version (the checkpoint's is read)"
+            fix = f"drop {prefix}version (or pass {prefix}version {saved['versions'][key]})"
         else:
             continue
         raise CheckpointError(
