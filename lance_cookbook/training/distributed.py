@@ -10,7 +10,8 @@ import contextlib
 import os
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -18,6 +19,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..recipe.dataset import DatasetNotFound, resolve_version
+
+T = TypeVar("T")
 
 
 def setup_distributed() -> tuple[int, int, torch.device]:
@@ -159,14 +162,30 @@ def agreed_versions(
         On every rank, when rank 0 cannot open a URI or finds no such version or tag (the message lists
         those there are).
     """
+    return rank0_decides(
+        rank,
+        lambda: {
+            name: resolve_version(uri, requested[name], storage_options=storage_options)
+            for name, uri in uris.items()
+        },
+        DatasetNotFound,
+    )
+
+
+def rank0_decides(rank: int, decide: Callable[[], T], errors: type[Exception] | tuple) -> T:
+    """Return what ``decide()`` returns on rank 0, on every rank (one ``broadcast_object_list``).
+
+    Raises
+    ------
+    Exception
+        On every rank, the exception of a type in ``errors`` that ``decide`` raised on rank 0; others
+        propagate on rank 0 alone (the launcher then ends the job).
+    """
     decided: list = [None]
     if rank == 0:
         try:
-            decided[0] = {
-                name: resolve_version(uri, requested[name], storage_options=storage_options)
-                for name, uri in uris.items()
-            }
-        except DatasetNotFound as e:
+            decided[0] = decide()
+        except errors as e:
             decided[0] = e
     if dist.is_initialized():
         dist.broadcast_object_list(decided, src=0)

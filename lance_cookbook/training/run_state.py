@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from .checkpoint import (
@@ -26,7 +25,7 @@ from .checkpoint import (
     save_checkpoint,
     state_sha256,
 )
-from .distributed import StopRequest, unwrap
+from .distributed import StopRequest, rank0_decides, unwrap
 from .reporting import EpochTally, quiet, write_json
 
 
@@ -101,23 +100,18 @@ def find_checkpoint(
     """
     if directory is None:
         return None, None
-    chosen: list = [None]
-    state = None
-    if rank == 0:
-        try:
-            path, state = load_latest(directory, map_location=device, storage_options=storage_options)
-            chosen[0] = path
-        except CheckpointError as e:
-            chosen[0] = e
-    if dist.is_initialized():
-        dist.broadcast_object_list(chosen, src=0)
-    if isinstance(chosen[0], Exception):
-        raise chosen[0]
-    if chosen[0] is None:
+    loaded: dict = {}  # rank 0 keeps the state it loaded; the others load the path it chose
+
+    def choose() -> str | None:
+        path, loaded["state"] = load_latest(directory, map_location=device, storage_options=storage_options)
+        return path
+
+    path = rank0_decides(rank, choose, CheckpointError)
+    if path is None:
         return None, None
-    if state is None:
-        state = load_checkpoint(chosen[0], map_location=device, storage_options=storage_options)
-    return chosen[0], state
+    if loaded.get("state") is None:
+        loaded["state"] = load_checkpoint(path, map_location=device, storage_options=storage_options)
+    return path, loaded["state"]
 
 
 def check_same_rows(path, saved: dict, selection: dict, asked: dict) -> None:
