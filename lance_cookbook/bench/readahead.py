@@ -64,8 +64,12 @@ def measure(
     workers: int = 2,
     batch_size: int = 64,
     requests: Any = None,
+    samples: int | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Return ``{variant: {"images_per_s", "requests_per_image"}}`` for one store and order, best epoch."""
+    """Return ``{variant: {"images_per_s", "requests_per_image"}}`` for one store and order, best epoch.
+
+    ``samples``: rows a random epoch reads (default all): a few rows of a large dataset are scattered.
+    """
     base = open_dataset(uri, storage_options=options, columns=("image", "label"))
     best: dict[str, dict[str, float]] = {}
     for _ in range(rounds):
@@ -75,7 +79,8 @@ def measure(
             if order == "block":
                 sampler: Any = BlockShuffleSampler(dataset, num_replicas=1, rank=0, seed=0)
             else:
-                sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(0))
+                generator = torch.Generator().manual_seed(0)
+                sampler = RandomSampler(dataset, num_samples=samples, generator=generator)
             loader = make_loader(
                 dataset,
                 batch_size=batch_size,
@@ -107,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--orders", default="random,block", help="random and/or block (default both)")
     parser.add_argument("--rounds", type=int, default=2, help="rounds of alternated variants (default 2)")
     parser.add_argument("--epochs", type=int, default=2, help="timed epochs per loader (default 2)")
+    parser.add_argument("--samples", type=int, help="random order: rows read per epoch (default all)")
     parser.add_argument("--no-local", action="store_true", help="skip local disk")
     parser.add_argument("--out", type=Path, help="append one JSON line per figure here")
     return parser
@@ -142,7 +148,14 @@ def main(argv: list[str] | None = None) -> int:
                     servers.set_delay(delay)
                 counter = servers.requests if options else None
                 best = measure(
-                    uri, options, order, variants, rounds=args.rounds, epochs=args.epochs, requests=counter
+                    uri,
+                    options,
+                    order,
+                    variants,
+                    rounds=args.rounds,
+                    epochs=args.epochs,
+                    requests=counter,
+                    samples=args.samples,
                 )
                 for name, figures in best.items():
                     row = {"order": order, "store": store, "variant": name, **figures}
