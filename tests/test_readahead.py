@@ -197,3 +197,45 @@ def test_an_index_out_of_range_fails_its_own_batch_with_the_usual_message(id_dat
         for images, _ in loader:
             got.append(decoded_ids(images))
     assert got == batches(loader_over(id_dataset, order[:20], read_ahead=0))  # each batch before it, in order
+
+
+class IdCollate:
+    """The rows' ``id`` column as a tensor (module level: the loader's workers unpickle it)."""
+
+    columns = ("image", "id")
+
+    def __call__(self, rows):
+        return torch.tensor([r["id"] for r in rows])
+
+
+@pytest.mark.slow  # two servers, 3 loaders of 2 workers, 50 ms a request
+def test_every_row_once_from_a_real_s3_server_at_50_ms(tmp_path):
+    pytest.importorskip("boto3", reason="needs the scale extra: pip install -e '.[scale]'")
+    from data_prep.convert import convert
+    from lance_cookbook.bench import s3_servers as servers_module
+    from lance_cookbook.bench.s3_formats import Store, upload
+    from lance_cookbook.bench.synthetic import generate_imagefolder
+
+    try:
+        servers_module.weed_path(), servers_module.envoy_path()
+    except FileNotFoundError as e:
+        pytest.skip(f"needs the scale extra's servers: {e}")
+    generate_imagefolder(tmp_path / "img", 256, "32x32", classes=4, seed=0, workers=1)
+    convert(f"imagefolder:{tmp_path / 'img'}", tmp_path / "img.lance", progress=False)
+    with servers_module.s3_servers("cookbook") as servers:
+        upload(Store(servers.direct_options, servers.bucket), str(tmp_path / "img.lance"), "img.lance")
+        servers.set_delay(50)
+        uri, options = f"s3://{servers.bucket}/img.lance", servers.storage_options
+        kwargs = dict(batch_size=16, num_workers=2, collate_fn=IdCollate())
+        loader = make_loader(uri, storage_options=options, shuffle=True, **kwargs)
+        assert loader.read_ahead == REMOTE_READ_AHEAD  # the default for s3://
+        for _ in range(2):
+            assert sorted(i for ids in loader for i in ids.tolist()) == list(range(256))
+        del loader
+        evaluated = []
+        for rank in range(2):  # exactly-once evaluation: each rank's unpadded shard
+            dataset = open_dataset(uri, storage_options=options, columns=["image", "id"])
+            shard = make_loader(dataset, sampler=ShardSampler(dataset, num_replicas=2, rank=rank), **kwargs)
+            evaluated += [i for ids in shard for i in ids.tolist()]
+            del shard
+        assert sorted(evaluated) == list(range(256))
