@@ -161,7 +161,8 @@ def make_loader(
         (:mod:`.readahead`); ``0``: none. Default: 16 (``REMOTE_READ_AHEAD``) from object storage (a URI
         such as ``s3://``, or a :class:`.LanceImageDataset` opened from one): at 50 ms a request it took 4,000
         32 px images from 0.12x to 0.95x of the local-disk rate in random order, 0.10x to 0.61x in block
-        order (docs/object_storage_traffic.md); 0 on local disk, where it gains nothing. Holds up to
+        order; much less on rows scattered over a larger dataset, where the test server's requests per second
+        bound it (docs/object_storage_traffic.md); 0 on local disk, where it gains nothing. Holds up to
         ``read_ahead`` batches of encoded image bytes per worker (16 x 64 JPEGs of 110 KB: 110 MB).
     **dataloader_kwargs
         Passed to ``DataLoader`` (``timeout``, ``drop_last``, ``worker_init_fn`` ...).
