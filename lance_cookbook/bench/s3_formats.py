@@ -6,8 +6,8 @@ written by :func:`.peers.write_in_child` with their benchmark settings (WebDatas
 MosaicML Streaming MDS and LitData chunks of 64 MB). Each is read the way its library documents for remote
 data, in a shuffled order seeded by ``Context.seed``, into the benchmark's collate (``ImageCollate(S,
 decoder="torchvision", dtype=torch.uint8)``) in batches, by ``Context.workers`` DataLoader workers (0, the
-default: in the reading process, as :mod:`.s3_traffic` counts; :mod:`.s3_latency` times 2 ``spawn`` workers,
-the recipe's own start method for ``make_loader``):
+default: in the reading process, as :mod:`.s3_traffic` counts; :mod:`.s3_latency` times 2 workers, all from
+the fork server ``make_loader`` uses):
 
 - ``imagefolder``: a listing (``list_objects_v2``, 1,000 keys a page), then one boto3 ``get_object`` per
   image in ``__getitem__`` of a map-style ``Dataset`` (:class:`S3ImageFolder`), as an ``ImageFolder`` over S3
@@ -95,12 +95,16 @@ class Context:
     worker_init_fn: Callable[[int], Any] | None = None
 
     def loader_kwargs(self) -> dict[str, Any]:
-        """``DataLoader`` keywords for ``workers``: ``spawn`` workers that end with the pass, or none."""
+        """``DataLoader`` keywords for ``workers``: the recipe's start method; they end with the pass."""
+        from ..recipe.start_method import LOADER_PRELOAD, lance_safe_context
+
         if self.workers == 0:
             return {"num_workers": 0}
         return {
             "num_workers": self.workers,
-            "multiprocessing_context": "spawn",
+            # forkserver preloading torch (never lance), as make_loader and LanceDB's loaders: a worker
+            # starts in about 0.5 s instead of 3-15 s under spawn, not timed here but paid by every read
+            "multiprocessing_context": lance_safe_context(LOADER_PRELOAD),
             "persistent_workers": False,  # one pass per loader: its workers end with it
             "worker_init_fn": self.worker_init_fn,
         }
@@ -297,16 +301,38 @@ def _open_webdataset(store: Store, ctx: Context) -> Iterable[Any]:
     return DataLoader(dataset, batch_size=None, **ctx.loader_kwargs())
 
 
-@contextmanager
-def _streaming_env(store: Store) -> Iterator[None]:
+def _streaming_values(store: Store) -> dict[str, str]:
     """Streaming's documented S3-compatible setup: the endpoint in ``S3_ENDPOINT_URL``, keys in ``AWS_*``."""
     kw = store.boto3_kwargs()
-    values = {
+    return {
         "S3_ENDPOINT_URL": kw["endpoint_url"],
         "AWS_ACCESS_KEY_ID": kw["aws_access_key_id"],
         "AWS_SECRET_ACCESS_KEY": kw["aws_secret_access_key"],
         "AWS_DEFAULT_REGION": kw["region_name"],
     }
+
+
+class _WorkerEnvironment:
+    """A ``worker_init_fn`` that sets ``values`` in the worker's environment, then runs ``then``.
+
+    Forkserver workers are forked from the fork server, whose environment is the one it started with (at
+    the first loader with workers), not the reading process's at the time of the read.
+    """
+
+    def __init__(self, values: dict[str, str], then: Callable[[int], Any] | None):
+        self.values, self.then = values, then
+
+    def __call__(self, worker_id: int) -> None:
+        """Set the variables, then call ``then``."""
+        os.environ.update(self.values)
+        if self.then is not None:
+            self.then(worker_id)
+
+
+@contextmanager
+def _streaming_env(store: Store) -> Iterator[None]:
+    """:func:`_streaming_values` in this process's environment while Streaming reads."""
+    values = _streaming_values(store)
     saved = {k: os.environ.get(k) for k in values}
     os.environ.update(values)
     try:
@@ -332,7 +358,10 @@ def _open_streaming(store: Store, ctx: Context) -> Iterable[Any]:
         shuffle_seed=ctx.seed,
         batch_size=ctx.batch_size,
     )
-    return DataLoader(dataset, batch_size=ctx.batch_size, collate_fn=ctx.collate(), **ctx.loader_kwargs())
+    kwargs = ctx.loader_kwargs()
+    if ctx.workers:
+        kwargs["worker_init_fn"] = _WorkerEnvironment(_streaming_values(store), ctx.worker_init_fn)
+    return DataLoader(dataset, batch_size=ctx.batch_size, collate_fn=ctx.collate(), **kwargs)
 
 
 @contextmanager
