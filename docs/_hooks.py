@@ -1,5 +1,6 @@
-"""MkDocs hook: links between chapters point at ``NN_name.ipynb`` (they work in Jupyter and on a code
-host); on the site they must point at the rendered page. Docstrings are plain text for ``help()`` and
+"""MkDocs hook: links between chapters point at ``NN_name.ipynb``, and from a chapter to a docs page at
+``../docs/page.md`` (they work in Jupyter and on a code host); on the site they must point at the rendered
+page. Docstrings are plain text for ``help()`` and
 ``--help``: Sphinx roles (``:class:`X```) lose their role name here, and placeholders such as
 ``DIR/<class>/<image>``, which Markdown passes on as HTML tags (``<image>`` becomes an empty ``<img>``),
 are shown as text. mkdocs-jupyter builds a notebook's table of contents from Markdown that drops code from
@@ -12,6 +13,8 @@ import posixpath
 import re
 
 NOTEBOOK_LINK = re.compile(r'href="(?P<target>[^"#:]+\.ipynb)(?P<anchor>#[^"]*)?"')
+# a chapter's link to a docs page, relative to notebooks/ in the repository (the site has no docs/ prefix)
+DOCS_LINK = re.compile(r'href="\.\./docs/(?P<target>[^"#:]+\.md)(?P<anchor>#[^"]*)?"')
 SPHINX_ROLE = re.compile(r":(?:class|func|meth|mod|attr|data|exc|obj):(?=<code)")
 HEADING = re.compile(r'<h(?P<level>[1-6])[^>]*\bid="(?P<id>[^"]+)"[^>]*>(?P<body>.*?)</h(?P=level)>', re.S)
 ANCHOR = re.compile(r'<a class="anchor-link".*?</a>', re.S)
@@ -32,14 +35,15 @@ def _flatten(items) -> list:
 
 
 def on_page_content(html, page, config, files):
-    def to_page(match: re.Match) -> str:
-        here = posixpath.dirname(page.file.src_uri)
+    def to_page(match: re.Match, here: str) -> str:
         target = files.get_file_from_path(posixpath.normpath(posixpath.join(here, match["target"])))
         if target is None:
             return match[0]  # mkdocs reports links to missing files itself
         return f'href="{target.url_relative_to(page.file)}{match["anchor"] or ""}"'
 
-    html = NOTEBOOK_LINK.sub(to_page, html)
+    html = NOTEBOOK_LINK.sub(lambda m: to_page(m, posixpath.dirname(page.file.src_uri)), html)
+    if page.file.src_uri.endswith(".ipynb"):
+        html = DOCS_LINK.sub(lambda m: to_page(m, ""), html)
     if page.file.src_uri.startswith("api/"):
         html = _placeholders_as_text(SPHINX_ROLE.sub("", html))
     return html
