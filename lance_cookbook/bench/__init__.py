@@ -56,7 +56,9 @@ datasets and collates they add), :mod:`.measure` (CPU seconds and RSS through ps
 :mod:`.breakdown`, :mod:`.cache` (page-cache eviction), :mod:`.peers`, :mod:`.lancedb_loaders` (LanceDB's
 StreamingDataset and Permutation), :mod:`.runner` (the whole run), :mod:`.report` (table and plot),
 :mod:`.cli`; :mod:`.s3_traffic` and :mod:`.s3_formats` (requests and bytes per image from a local S3 server,
-``python -m lance_cookbook.bench.s3_traffic``).
+``python -m lance_cookbook.bench.s3_traffic``); :mod:`.s3_latency` and :mod:`.s3_servers` (images/s of each
+loader from SeaweedFS behind Envoy at 0, 10 and 50 ms per request, ``python -m
+lance_cookbook.bench.s3_latency``).
 """
 
 from .arrow import ArrowImageCollate, ArrowLanceDataset, jpeg_views
