@@ -9,14 +9,15 @@ waits that long before Envoy forwards it, concurrent requests concurrently; no r
 
 Every loader reads the way :mod:`.s3_formats` describes, with ``--workers`` DataLoader workers (2), batches of
 64 and the benchmark's collate (``ImageCollate(32, decoder="torchvision", dtype=torch.uint8)``); the recipe
-rows call ``make_loader`` with its defaults for a remote URI, whatever they are when this runs. Each read is
+rows call ``make_loader`` with its defaults for a remote URI, whatever they are when this runs (and, where
+it has ``read_ahead``, once more with ``read_ahead=0``: the ``_no_read_ahead`` rows). Each read is
 a new loader with new workers and, for the formats that download into a local cache (Streaming's ``local``,
 LitData's ``cache_dir``), a new empty cache folder: every read comes from the store. The recipe is also read
 from the local copy of the dataset (the ``local`` column), the reference its ratios are taken against.
 
 The clock: images/s counts from the moment every worker is ready to read (a start line in
-``worker_init_fn``, :class:`StartLine`, that each worker waits at until all have arrived) to the last batch.
-Worker start-up (process start and imports, 1-3 s on 2 cores, as large as a whole epoch of 4,000 small
+``worker_init_fn``, :class:`StartLine`, that each worker waits at until all have arrived) to the last batch's
+arrival. Worker start-up (0.5-3 s from the fork server on 2 cores, as long as a whole epoch of 4,000 small
 images) is not in it; it is reported apart (``startup_s``), as is the main process's open before the loader
 exists (``open_s``: a listing, a manifest, an index file). LanceDB's ``StreamingDataset`` builds its
 permutation when a pass starts, in the main process: that is in its ``startup_s``.
