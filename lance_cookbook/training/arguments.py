@@ -46,7 +46,7 @@ def add_selection_arguments(parser: argparse.ArgumentParser) -> None:
     A version is a number or a tag (:func:`version_or_tag`). Rank 0 resolves a tag, or the latest version, to
     its number, which every rank then reads (:func:`lance_cookbook.training.distributed.agreed_versions`).
     Metrics and checkpoints record the filters, the tags given and the numbers; a resume refuses others
-    (:func:`lance_cookbook.training.run_state.check_same_rows`).
+    (:func:`lance_cookbook.training.setup.check_same_rows`).
     """
     latest = "the latest when the job starts, the same on every rank; resuming: the checkpoint's"
     parser.add_argument(

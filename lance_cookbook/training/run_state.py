@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import shlex
 from collections.abc import Callable
 from pathlib import Path
 
@@ -112,49 +111,6 @@ def find_checkpoint(
     if loaded.get("state") is None:
         loaded["state"] = load_checkpoint(path, map_location=device, storage_options=storage_options)
     return path, loaded["state"]
-
-
-def check_same_rows(path, saved: dict, selection: dict, asked: dict) -> None:
-    """Refuse to resume the checkpoint ``path`` on other rows than it read: another filter or version.
-
-    ``saved`` is the checkpoint's metrics (one written before filters were recorded has none: no filter);
-    ``selection`` this run's (``{"versions", "filters", "tags"}``, each ``{"train", "val"}``), versions
-    resolved to numbers; ``asked`` the ``--version`` and ``--val-version`` given. Reading the checkpoint's
-    rows instead would silently ignore the command line (pytorch/examples#816); reading others would continue
-    an epoch whose sampler state describes other rows.
-
-    Raises
-    ------
-    CheckpointError
-        One line naming the checkpoint, what it read, what was asked, and what to do.
-    """
-    for key, prefix in (("train", "--"), ("val", "--val-")):
-        was, now = (saved.get("filters") or {}).get(key), selection["filters"][key]
-        if was != now:
-            fix = f"pass {prefix}filter {_shell_quoted(was)}" if was else f"drop {prefix}filter"
-            was, now = _rows(key, prefix, was), _rows(key, prefix, now)
-        elif saved["versions"][key] != selection["versions"][key]:
-            tag = (saved.get("tags") or {}).get(key)
-            was = f"version {saved['versions'][key]}{f' (tag {tag!r})' if tag else ''} of --{key}"
-            now = f"version {selection['versions'][key]} ({prefix}version {asked[key]})"
-            fix = f"drop {prefix}version (or pass {prefix}version {saved['versions'][key]})"
-        else:
-            continue
-        raise CheckpointError(
-            f"cannot resume from {path}: it read {was}, not {now}: {fix} to resume, or start a new "
-            "--checkpoint-dir"
-        )
-
-
-def _rows(key: str, prefix: str, filter: str | None) -> str:
-    if filter is None:
-        return f"every row of --{key} (no {prefix}filter)"
-    return f"the rows of --{key} matching {prefix}filter {_shell_quoted(filter)}"
-
-
-def _shell_quoted(text: str) -> str:
-    """``text`` quoted for a shell, readably: in double quotes unless it holds what they would expand."""
-    return f'"{text}"' if not any(c in text for c in '"$`\\!') else shlex.quote(text)
 
 
 def rng_state() -> dict:
