@@ -15,7 +15,7 @@ reach if reading, batching and handing tensors to the main process cost nothing.
 
 Loaders (keys for ``--loaders``):
   bound_pil          (a) PIL decode + Resize + ToTensor in a loop, 1 core x workers
-  bound_tv           (a) torchvision decode_jpeg + uint8 Resize in a loop, 1 core x workers
+  bound_tv           (a) TorchCodec decode_jpeg + uint8 Resize in a loop, 1 core x workers
   imagefolder_pil    (b) torchvision ImageFolder + Resize + CenterCrop + ToTensor: what users write today
   imagefolder_tv     (c) ImageFolder reading bytes + the collate of (g): isolates the storage format
   hf_datasets        (d) HF datasets load_dataset("imagefolder") + set_transform(Resize + ToTensor)

@@ -1,5 +1,9 @@
 """Loader (i): the Arrow table of one ``take`` handed to the collate, JPEG bytes decoded in place.
 
+Decoded as ``ImageCollate``'s JPEG path decodes (TorchCodec's ``decode_jpeg``, one call a batch), with the
+same pixels: TorchCodec applies EXIF orientation, which ``ImageCollate`` hides from it, so a batch holding a
+JPEG with an EXIF (APP1) segment goes through ``ImageCollate``. The bench's synthetic JPEGs carry none.
+
 Spawn workers unpickle these classes by module name, so they live in an importable module.
 """
 
@@ -11,10 +15,11 @@ import lance
 import numpy as np
 import pyarrow as pa
 import torch
-from torchvision.io import ImageReadMode, decode_jpeg
+from torchcodec.decoders import decode_jpeg
 
 from ..recipe.collate import JPEG_MAGIC, Batch, ImageCollate, stack_channels_last
 from ..recipe.dataset import LanceImageDataset
+from ..recipe.decode import _jpeg_exif_spans
 
 __all__ = ["ArrowImageCollate", "ArrowLanceDataset", "jpeg_views"]
 
@@ -38,7 +43,9 @@ class ArrowLanceDataset(LanceImageDataset):
 def jpeg_views(column: pa.Array | pa.ChunkedArray) -> list[torch.Tensor] | None:
     """One uint8 tensor per value of an Arrow binary column, viewing the column's data buffer (no copy).
 
-    ``None`` unless every value is a non-null JPEG (starts with FF D8 FF).
+    ``None`` unless every value is a non-null JPEG (starts with FF D8 FF) whose header walks to its first
+    scan without an APP1 (EXIF) segment: TorchCodec would apply an EXIF orientation that ``ImageCollate``
+    ignores (it walks every JPEG's header too, to hide the EXIF).
     """
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
@@ -58,8 +65,11 @@ def jpeg_views(column: pa.Array | pa.ChunkedArray) -> list[torch.Tensor] | None:
     raw = np.frombuffer(data_buffer, dtype=np.uint8)
     if not all((raw[starts + i] == byte).all() for i, byte in enumerate(JPEG_MAGIC)):
         return None
-    data = torch.frombuffer(data_buffer, dtype=torch.uint8)  # read-only: the views are only read
     bounds = offsets.tolist()
+    header = memoryview(data_buffer).cast("B")
+    if any(_jpeg_exif_spans(header[bounds[i] : bounds[i + 1]]) != [] for i in range(len(column))):
+        return None  # EXIF, or a header that cannot be walked: ImageCollate decodes (or names) it
+    data = torch.frombuffer(data_buffer, dtype=torch.uint8)  # read-only: the views are only read
     return [data[bounds[i] : bounds[i + 1]] for i in range(len(column))]
 
 
@@ -78,8 +88,8 @@ class ArrowImageCollate(ImageCollate):
         if views is None:
             return super().__call__(rows.to_pylist())
         try:
-            decoded = decode_jpeg(views, mode=ImageReadMode.RGB)
-        except RuntimeError:
+            decoded = decode_jpeg(views, mode="RGB")
+        except (RuntimeError, ValueError):
             return super().__call__(rows.to_pylist())  # names the bad row, or skips it
         images = stack_channels_last([self._geometry(img) for img in decoded], self.dtype)
         labels = rows.column(self.label_column).to_numpy().astype(np.int64)  # a writable copy

@@ -167,6 +167,77 @@ def _timed_rounds(candidates: list[Candidate], rounds: int, progress: bool, cach
         res.cold_images_per_s = max(res.cold_rounds) if res.cold_rounds else None
 
 
+def _data(args: argparse.Namespace, folder: str, work: Path, progress: bool, report: dict[str, Any]) -> str:
+    """The images and the Lance dataset, with their statistics and bytes on disk in ``report``; its uri."""
+    stats = report["imagefolder"] = _images(args, folder, progress)
+    uri, report["conversion"] = _lance(args, folder, work, progress)
+    report["lance_uri"] = uri
+    lance_bytes = dir_bytes(uri)
+    report["storage"] = {
+        "imagefolder_bytes": stats["bytes"],
+        "imagefolder_allocated_bytes": stats["allocated_bytes"],
+        "lance_bytes": lance_bytes[0],
+        "lance_allocated_bytes": lance_bytes[1],
+    }
+    return uri
+
+
+def _rows(uri: str, folder: str, images: int) -> int:
+    """The rows every loader reads: those of both the dataset and the folder."""
+    n = lance.dataset(uri).count_rows()
+    if n != images:
+        _log(f"note: {uri} holds {n:,} rows and {folder} {images:,} files")
+    return min(n, images)
+
+
+def _other_formats(
+    args: argparse.Namespace, keys: list[str], folder: str, work: Path, progress: bool, report: dict[str, Any]
+) -> tuple[dict[str, str], Any]:
+    """Write the peers' formats and prepare HF datasets, for the loaders of ``keys`` that read them.
+
+    Returns each peer's folder by loader key and the HF dataset (``None`` if not asked for).
+    """
+    peer_dirs: dict[str, str] = {}
+    for key in (k for k in keys if k in PEER_LOADERS):
+        # each peer writes the same images into its own format, in a fresh process (its own figures)
+        peer_dirs[key] = str(work / key)
+        _log(f"writing {folder} -> {peer_dirs[key]} ({key})")
+        report.setdefault("peer_conversion", {})[key] = write_in_child(key, folder, peer_dirs[key], args.seed)
+        report["storage"][f"{key}_bytes"] = dir_bytes(peer_dirs[key])[0]
+    hf = None
+    if "hf_datasets" in keys:
+        _log("preparing the HF datasets imagefolder")
+        hf, report["hf_prepare"] = load_hf(folder, str(work / "hf-cache"), args.image_size, progress)
+        report["storage"]["hf_cache_bytes"] = report["hf_prepare"]["cache_bytes"]
+    return peer_dirs, hf
+
+
+def _shuffle_quality(args: argparse.Namespace, folder: str, n: int, candidates: list[Candidate]) -> float:
+    """The label entropy of uniformly random batches; each loader's own relative to it."""
+    labels = [label for _, label in ImageFolder(folder).samples][:n]
+    random_order = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed + 1)).tolist()
+    reference = mean_batch_entropy(labels, random_order, args.batch_size)
+    for cand in candidates:
+        if cand.result.batch_label_entropy is not None and reference > 0:
+            cand.result.batch_label_entropy_vs_random = cand.result.batch_label_entropy / reference
+    return reference
+
+
+def _breakdown(
+    args: argparse.Namespace, folder: str, uri: str, order: list[int], n: int, report: dict[str, Any]
+) -> None:
+    """``--breakdown``'s figures into ``report``, or why there are none (not JPEG)."""
+    _log("timing each step of a worker (--breakdown)")
+    files = [path for path, _ in ImageFolder(folder).samples]
+    try:
+        report["breakdown"] = breakdown(
+            uri, files, order, args.image_size, args.batch_size, min(n, 256 if args.quick else 1024)
+        )
+    except ValueError as e:  # not JPEG: the loaders' figures still stand
+        report["breakdown_error"] = str(e)
+        _log(f"--breakdown skipped: {e}")
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """The whole benchmark, with the options of ``python -m lance_cookbook.bench`` in ``args``.
 
@@ -178,36 +249,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     work.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"config": _config(args, folder)}
     try:
-        stats = report["imagefolder"] = _images(args, folder, progress)
-        uri, report["conversion"] = _lance(args, folder, work, progress)
-        report["lance_uri"] = uri
-        lance_bytes = dir_bytes(uri)
-        report["storage"] = {
-            "imagefolder_bytes": stats["bytes"],
-            "imagefolder_allocated_bytes": stats["allocated_bytes"],
-            "lance_bytes": lance_bytes[0],
-            "lance_allocated_bytes": lance_bytes[1],
-        }
-        n = lance.dataset(uri).count_rows()
-        if n != stats["images"]:
-            _log(f"note: {uri} holds {n:,} rows and {folder} {stats['images']:,} files")
-        n = min(n, stats["images"])
-
+        uri = _data(args, folder, work, progress, report)
+        n = _rows(uri, folder, report["imagefolder"]["images"])
         keys = [k for k in ALL_LOADERS if k in args.loaders]
-        peer_dirs: dict[str, str] = {}
-        for key in (k for k in keys if k in PEER_LOADERS):
-            # each peer writes the same images into its own format, in a fresh process (its own figures)
-            peer_dirs[key] = str(work / key)
-            _log(f"writing {folder} -> {peer_dirs[key]} ({key})")
-            report.setdefault("peer_conversion", {})[key] = write_in_child(
-                key, folder, peer_dirs[key], args.seed
-            )
-            report["storage"][f"{key}_bytes"] = dir_bytes(peer_dirs[key])[0]
-        hf = None
-        if "hf_datasets" in keys:
-            _log("preparing the HF datasets imagefolder")
-            hf, report["hf_prepare"] = load_hf(folder, str(work / "hf-cache"), args.image_size, progress)
-            report["storage"]["hf_cache_bytes"] = report["hf_prepare"]["cache_bytes"]
+        peer_dirs, hf = _other_formats(args, keys, folder, work, progress, report)
 
         # the same shuffled order for every loader (a plain list is a valid sampler and pickles cheaply)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed)).tolist()
@@ -237,26 +282,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         report["later_loader_first_batch_s"] = _later_first_batches(candidates, concurrent=args.quick)
         _timed_rounds(candidates, max(1, args.epochs - 1), progress, getattr(args, "cache", "warm"))
         # the label entropy of uniformly random batches, the reference of each loader's shuffle quality
-        labels = [label for _, label in ImageFolder(folder).samples][:n]
-        random_order = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed + 1)).tolist()
-        reference = mean_batch_entropy(labels, random_order, args.batch_size)
-        report["random_batch_label_entropy"] = reference
-        for cand in candidates:
-            if cand.result.batch_label_entropy is not None and reference > 0:
-                cand.result.batch_label_entropy_vs_random = cand.result.batch_label_entropy / reference
+        report["random_batch_label_entropy"] = _shuffle_quality(args, folder, n, candidates)
         for cand in candidates:
             cand.close()
         report["main_rss_before_loaders_mib"] = main_rss / MiB if main_rss else None
         if args.breakdown:  # after the loaders: its decoded images must not count in their memory figures
-            _log("timing each step of a worker (--breakdown)")
-            files = [path for path, _ in ImageFolder(folder).samples]
-            try:
-                report["breakdown"] = breakdown(
-                    uri, files, order, args.image_size, args.batch_size, min(n, 256 if args.quick else 1024)
-                )
-            except ValueError as e:  # not JPEG: the loaders' figures still stand
-                report["breakdown_error"] = str(e)
-                _log(f"--breakdown skipped: {e}")
+            _breakdown(args, folder, uri, order, n, report)
         report["loaders"] = {c.key: asdict(c.result) for c in candidates}
         report["ratios"], report["targets"] = ratios_and_targets(report)
         if hasattr(os, "getloadavg"):
