@@ -157,13 +157,9 @@ def make_loader(
     multiprocessing_context, persistent_workers : optional
         Default forkserver (spawn where missing; ``"fork"`` is refused, lance#3640) and ``True``.
     read_ahead : int, optional
-        Batches each worker reads ahead of the one it decodes, in the background, several to one ``take``
-        (:mod:`.readahead`); ``0``: none. Default: 16 (``REMOTE_READ_AHEAD``) from object storage (a URI
-        such as ``s3://``, or a :class:`.LanceImageDataset` opened from one): at 50 ms a request it took 4,000
-        32 px images from 0.12x to 0.95x of the local-disk rate in random order, 0.10x to 0.61x in block
-        order; much less on rows scattered over a larger dataset, where the test server's requests per second
-        bound it (docs/object_storage_traffic.md); 0 on local disk, where it gains nothing. Holds up to
-        ``read_ahead`` batches of encoded image bytes per worker (16 x 64 JPEGs of 110 KB: 110 MB).
+        Batches each worker reads ahead in the background, several to one ``take`` (:mod:`.readahead`), and
+        holds as encoded bytes. Default: 16 (``REMOTE_READ_AHEAD``) from object storage (an ``s3://``-like
+        URI, or a dataset opened from one), 0 on local disk; figures: docs/object_storage_traffic.md.
     **dataloader_kwargs
         Passed to ``DataLoader`` (``timeout``, ``drop_last``, ``worker_init_fn`` ...).
 
@@ -184,11 +180,7 @@ def make_loader(
     if collate_fn is None:
         collate_fn = ImageCollate(224, decoder="torchvision", dtype=torch.uint8)
     dataset = _dataset(uri_or_dataset, filter, version, storage_options, columns, collate_fn)
-    if sampler is not None and shuffle:
-        raise ValueError("shuffle=True conflicts with a sampler: the sampler decides the order")
-    num_workers = default_workers() if num_workers is None else num_workers
-    if num_workers < 0:
-        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    num_workers = _workers(num_workers, sampler, shuffle, persistent_workers)
     kwargs: dict[str, Any] = dict(
         batch_size=batch_size,
         shuffle=shuffle,
@@ -203,10 +195,20 @@ def make_loader(
         kwargs["multiprocessing_context"] = safe
         kwargs["persistent_workers"] = True if persistent_workers is None else persistent_workers
         kwargs["worker_init_fn"] = WorkerInit(dataloader_kwargs.pop("worker_init_fn", None))
-    elif persistent_workers:
-        raise ValueError("persistent_workers=True needs num_workers > 0")
     read_ahead = _read_ahead(read_ahead, dataset, num_workers)
     return ReentrantDataLoader(dataset, read_ahead=read_ahead, **{**kwargs, **dataloader_kwargs})
+
+
+def _workers(num_workers: int | None, sampler: Any, shuffle: bool, persistent_workers: bool | None) -> int:
+    """``num_workers`` checked against the other arguments, or its default (:func:`default_workers`)."""
+    if sampler is not None and shuffle:
+        raise ValueError("shuffle=True conflicts with a sampler: the sampler decides the order")
+    num_workers = default_workers() if num_workers is None else num_workers
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    if persistent_workers and num_workers == 0:
+        raise ValueError("persistent_workers=True needs num_workers > 0")
+    return num_workers
 
 
 def _read_ahead(read_ahead: int | None, dataset: Any, num_workers: int) -> int:
