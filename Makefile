@@ -61,7 +61,7 @@ PYTEST = HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV)/bin/pytest
 ## `make test PYTEST_ARGS="--random-order"` runs the tests in a random order (the seed is printed at the top of
 ## each of the two pytest runs). pytest's exit code 5 (no test collected) fails it like any other.
 test: lint
-	$(PYTEST) tests $(addprefix --ignore=,$(AFTER_DOCS)) $(PYTEST_ARGS)
+	$(PYTEST) tests $(addprefix --ignore=,$(AFTER_DOCS)) --durations=15 $(PYTEST_ARGS)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(MAKE) --no-print-directory docs
 	$(PYTEST) $(AFTER_DOCS) $(PYTEST_ARGS)
 

@@ -61,7 +61,7 @@ def test_table_has_a_row_per_remote_loader_and_the_ratios():
     assert "lance_random_local" not in table
 
 
-@pytest.mark.slow  # SeaweedFS + Envoy, 2 workers per read, ~16 reads
+@pytest.mark.slow  # SeaweedFS + Envoy, 2 workers per read, 7 reads (one delay: CI time)
 def test_harness_reads_every_image_once_through_the_delay(tmp_path, capsys):
     pytest.importorskip("boto3", reason="needs the scale extra: pip install -e '.[scale]'")
     from lance_cookbook.bench import s3_servers
@@ -75,7 +75,7 @@ def test_harness_reads_every_image_once_through_the_delay(tmp_path, capsys):
     out = tmp_path / "report.json"
     loaders = "imagefolder,lance_random,lance_block"
     argv = ["--work-dir", str(tmp_path / "work"), "--count", str(IMAGES), "--repeats", "1",
-            "--delays-ms", "0,50", "--loaders", loaders, "--json", str(out)]  # fmt: skip
+            "--delays-ms", "50", "--loaders", loaders, "--json", str(out)]  # fmt: skip
     assert main(argv) == 0
     report = json.loads(out.read_text())
 
@@ -83,9 +83,9 @@ def test_harness_reads_every_image_once_through_the_delay(tmp_path, capsys):
     if has_read_ahead():  # the recipe's rows with read-ahead off come along
         remote += [f"{k}_no_read_ahead" for k in RECIPE]
     assert set(report["loaders"]) == {*remote, *(f"{k}_local" for k in RECIPE)}
-    assert report["config"]["images"] == IMAGES and report["config"]["delays_ms"] == [0.0, 50.0]
+    assert report["config"]["images"] == IMAGES and report["config"]["delays_ms"] == [50.0]
     for key, entry in report["loaders"].items():
-        columns = ["local"] if key.endswith("_local") else ["0", "50"]
+        columns = ["local"] if key.endswith("_local") else ["50"]
         assert sorted(entry["runs"]) == sorted(columns), key
         assert sorted(entry["images_per_s"]) == sorted(columns), key
         assert entry["exactly_once"], key
@@ -100,7 +100,7 @@ def test_harness_reads_every_image_once_through_the_delay(tmp_path, capsys):
             if column == "local":
                 assert run["requests"] == 0  # read from the local copy, nothing through Envoy
     for key in RECIPE:
-        assert set(report["loaders"][key]["vs_local"]) == {"0", "50"}
+        assert set(report["loaders"][key]["vs_local"]) == {"50"}
     table = capsys.readouterr().out
     for key in remote:
         assert f"| {key} |" in table
