@@ -69,8 +69,8 @@ class ReentrantDataLoader(DataLoader):
     """
 
     def __init__(self, *args: Any, read_ahead: int = 0, **kwargs: Any):
+        self.read_ahead = read_ahead  # before DataLoader's __init__, which may ask for _index_sampler
         super().__init__(*args, **kwargs)
-        self.read_ahead = read_ahead
         self._arguments = (args, {**kwargs, "read_ahead": read_ahead})
         self._pass_running = False
 
@@ -78,7 +78,7 @@ class ReentrantDataLoader(DataLoader):
     def _index_sampler(self):
         # DataLoader's iterators draw batches from here: the batch sampler, announcing each worker's next
         index_sampler = super()._index_sampler
-        if getattr(self, "read_ahead", 0) > 0 and self.num_workers > 0 and self._auto_collation:
+        if self.read_ahead > 0 and self.num_workers > 0 and self._auto_collation:
             return ReadAheadBatchSampler(index_sampler, self.read_ahead, self.num_workers)
         return index_sampler
 
